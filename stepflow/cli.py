@@ -84,6 +84,391 @@ def model_pull_embedded(
     typer.echo(str(path))
 
 
+@app.command("prepare")
+def prepare_command(
+    params: ParamsOption = DEFAULT_PARAMS,
+    overrides: OverrideOption = None,
+    workers: Annotated[
+        int | None, typer.Option(help="environment worker processes (default: env.workers)")
+    ] = None,
+) -> None:
+    """Build the manifest and the verified golden trajectories D1/D2 (the prepare stage)."""
+    from stepflow.jsonl import DataError
+    from stepflow.prepare import prepare
+
+    loaded = load_or_exit(params, overrides)
+    try:
+        summary = prepare(loaded, workers=workers)
+    except (DataError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"[green]prepared[/] {summary.instances} instances; kept {summary.kept}; "
+        f"dropped {len(summary.dropped)}; {summary.replayed} replayed "
+        f"({summary.resumed} resumed) in {summary.seconds:.1f}s "
+        f"= {summary.episodes_per_s:.2f} episodes/s with {summary.workers} worker(s)"
+    )
+
+
+data_app = typer.Typer(
+    help="Trajectory datasets: conversion to and from other formats.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("export")
+def data_export(
+    source: Annotated[list[Path], typer.Argument(help="stepflow trajectory JSONL file(s)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="conversation-format JSONL to write")],
+) -> None:
+    """Export trajectories to the conversation format ({"from","value","loss"} turns)."""
+    from stepflow.convert import export_conversations
+    from stepflow.jsonl import DataError
+    from stepflow.trajectory import load_trajectories
+
+    try:
+        count = export_conversations(load_trajectories(*source), out)
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[green]exported[/] {count} trajectories to {out}")
+
+
+@data_app.command("import")
+def data_import(
+    source: Annotated[Path, typer.Argument(help="conversation-format JSONL or JSON list")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="stepflow trajectory JSONL to write")],
+    env: Annotated[str, typer.Option(help="environment of records without metadata")] = "imported",
+    split: Annotated[str, typer.Option(help="split of records without metadata")] = "u1",
+) -> None:
+    """Import conversation-format records (from other agent-tuning projects) as trajectories."""
+    from stepflow.convert import import_conversations
+    from stepflow.jsonl import DataError
+    from stepflow.trajectory import write_trajectories
+
+    try:
+        trajectories = list(import_conversations(source, {"env": env, "split": split}))
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    count = write_trajectories(out, trajectories)
+    console.print(f"[green]imported[/] {count} trajectories to {out}")
+
+
+@app.command("show-mask")
+def show_mask_command(
+    path: Annotated[Path, typer.Argument(help="trajectory JSONL file")],
+    index: Annotated[
+        int | None, typer.Option("--index", "-i", help="record number (0-based)")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", "-k", help="task instance: env/task_type/variation")
+    ] = None,
+    nomask: Annotated[
+        bool, typer.Option("--nomask", help="the step_nomask view: erroneous steps trained")
+    ] = False,
+    params: ParamsOption = DEFAULT_PARAMS,
+    overrides: OverrideOption = None,
+) -> None:
+    """Print one trajectory as the student's tokenizer sees it, trained tokens highlighted."""
+    from rich.console import Console as OutConsole
+
+    from stepflow.jsonl import DataError
+    from stepflow.masking import TemplateError, tokenize_trajectory, training_length
+    from stepflow.maskview import legend, mask_counts, render_mask
+    from stepflow.modeling import load_tokenizer
+    from stepflow.trajectory import read_trajectories
+
+    if index is not None and key is not None:
+        raise _fail("give --index or --key, not both")
+    loaded = load_or_exit(params, overrides)
+    try:
+        records = list(read_trajectories(path))
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    if key is not None:
+        chosen = next((t for t in records if t.key == key), None)
+        if chosen is None:
+            raise _fail(f"{path}: no trajectory with key {key!r}")
+    else:
+        position = index or 0
+        if not -len(records) <= position < len(records):
+            raise _fail(f"{path}: index {position} out of range ({len(records)} trajectories)")
+        chosen = records[position]
+    tokenizer = load_tokenizer(loaded.student.model)
+    try:
+        tokenized = tokenize_trajectory(chosen, tokenizer, mask_erroneous=not nomask)
+    except TemplateError as exc:
+        raise _fail(str(exc)) from None
+    cfg = loaded.training
+    keep = training_length(tokenized, cfg.max_seq_len, cfg.truncation)
+    out = OutConsole(highlight=False)
+    view = "step_nomask (erroneous steps trained)" if nomask else "partial masking"
+    out.rule(f"{chosen.key} — {view} — {loaded.student.model}")
+    cut = keep if keep != tokenized.num_tokens else None
+    out.print(render_mask(tokenized, tokenizer, cut_at=cut))
+    out.rule()
+    counts = mask_counts(tokenized)
+    out.print(legend(counts))
+    limits = f"max_seq_len {cfg.max_seq_len}, truncation {cfg.truncation}"
+    if keep is None:
+        out.print(f"{tokenized.num_tokens} tokens; left out of training ({limits})")
+        return
+    fed = sum(1 for label in tokenized.labels[:keep] if label != -100)
+    out.print(
+        f"{tokenized.num_tokens} tokens; training input: the first {keep}, of which "
+        f"{fed} trained ({fed / keep:.1%}) ({limits})"
+    )
+
+
+@app.command("train")
+def train_command(
+    variant: Annotated[str, typer.Argument(help="init_sft | golden | step | step_nomask")],
+    params: ParamsOption = DEFAULT_PARAMS,
+    overrides: OverrideOption = None,
+    out_dir: Annotated[
+        Path | None, typer.Option(help="adapter directory (default: <paths.models>/<variant>)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
+    ] = True,
+) -> None:
+    """Fine-tune the student on one variant's data and save its adapter."""
+    from stepflow.jsonl import DataError
+    from stepflow.training import train_variant
+
+    loaded = load_or_exit(params, overrides)
+    try:
+        result = train_variant(loaded, variant, out_dir=out_dir, resume=resume)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    stats = result.stats
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    console.print(
+        f"[green]trained[/] {variant}: {result.global_step} steps, final loss {loss}, "
+        f"{stats.kept}/{stats.examples} trajectories ({stats.dropped} dropped, "
+        f"{stats.truncated} truncated), {stats.trained_tokens}/{stats.total_tokens} tokens "
+        f"trained, {result.tokens_per_second:.0f} tokens/s"
+        + (f", resumed from {result.resumed_from}" if result.resumed_from else "")
+    )
+    typer.echo(str(result.output_dir))
+
+
+@app.command(
+    "rollout",
+    help="Run the student of params.yaml on task instances; each finished episode is "
+    "appended to OUTPUT at once, and a rerun skips the instances already there.\n\n"
+    "Instances: --split test takes the manifest's test instances (prepare stage); "
+    "--task TYPE --variations 1,2,5-7 names them (labelled with their manifest split, "
+    "else --split, else the environment's official split).\n\n"
+    "Step limits, generation length and one-shot prompting come from params.yaml; "
+    "override with -S env.step_limit=5 -S student.generation.max_new_tokens=48. "
+    "Prints a JSON summary (episodes, mean reward, success rate, parse failures, "
+    "invalid actions, tokens, wall time).",
+)
+def rollout_command(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="trajectory JSONL (appended; rerun resumes)")
+    ],
+    params: ParamsOption = DEFAULT_PARAMS,
+    overrides: OverrideOption = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="the manifest's instances of this split (u1, u2, test, dev, train); with "
+            "--variations: the label of instances the manifest does not list"
+        ),
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="task type (with --variations)")] = None,
+    variations: Annotated[
+        str | None, typer.Option(help="variations of --task, e.g. 1,2,5-7")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="at most N instances")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="split manifest (default: <paths.data>/manifest.json)")
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="LoRA adapter directory for the local student")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="episodes at once (default: rollout.concurrency)")
+    ] = None,
+    max_episodes: Annotated[
+        int | None, typer.Option(min=1, help="stop after N new episodes (rerun to continue)")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Run the student of params.yaml on task instances, appending episodes to a JSONL."""
+    import json
+
+    from stepflow.envs import make_env
+    from stepflow.jsonl import DataError
+    from stepflow.prepare import example_for, load_examples
+    from stepflow.rollout import run_rollout
+    from stepflow.selection import (
+        SPLITS,
+        OfficialSplitLabels,
+        SelectionError,
+        parse_variations,
+        select_instances,
+    )
+    from stepflow.splits import load_manifest
+
+    loaded = load_or_exit(params, overrides)
+    manifest_path = manifest or Path(loaded.paths.data) / "manifest.json"
+    try:
+        known = load_manifest(manifest_path).select(*SPLITS) if manifest_path.is_file() else []
+        chosen = parse_variations(variations) if variations is not None else None
+        with OfficialSplitLabels(lambda: make_env(loaded.env)) as label:
+            instances = select_instances(
+                loaded.env.name,
+                manifest=known,
+                split=split,
+                task=task,
+                variations=chosen,
+                limit=limit,
+                label=label,
+            )
+    except (SelectionError, DataError) as exc:
+        raise _fail(str(exc)) from None
+    examples = load_examples(Path(loaded.paths.data)) if loaded.agent.one_shot else {}
+    if loaded.agent.one_shot and not examples:
+        console.print(
+            "[yellow]warning:[/] agent.one_shot is set but there are no one-shot "
+            "examples (run prepare); running zero-shot"
+        )
+    summary = run_rollout(
+        loaded,
+        instances,
+        output,
+        adapter=adapter,
+        example_for=(lambda instance: example_for(examples, instance)) if examples else None,
+        concurrency=concurrency,
+        max_episodes=max_episodes,
+        progress=progress,
+    )
+    typer.echo(json.dumps(summary.to_dict(), indent=2))
+    if summary.errors:
+        raise _fail(f"{len(summary.errors)} episode(s) failed; rerun to retry them")
+
+
+@app.command("synthesize")
+def synthesize_command(
+    params: ParamsOption = DEFAULT_PARAMS,
+    overrides: OverrideOption = None,
+) -> None:
+    """Run the base agent on U2 with the teacher: writes data/reflected.jsonl (the synthesize
+    stage). A rerun resumes from the episodes already finished."""
+    import json
+
+    from stepflow.jsonl import DataError
+    from stepflow.synthesize import EpisodeErrors, synthesize
+
+    loaded = load_or_exit(params, overrides)
+    try:
+        summary = synthesize(loaded)
+    except (DataError, FileNotFoundError, ValueError, EpisodeErrors) as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"[green]synthesized[/] kept {summary.kept}/{summary.episodes} trajectories, "
+        f"{summary.corrections_mean:.2f} corrections per episode, teacher calls "
+        f"{summary.teacher_calls}, fallbacks {summary.teacher_fallbacks}, "
+        f"{summary.seconds:.0f}s"
+    )
+    typer.echo(json.dumps(summary.as_dict(), indent=2))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    agents: Annotated[
+        list[str] | None, typer.Argument(help="agents (default: evaluation.agents)")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+    overrides: OverrideOption = None,
+) -> None:
+    """Evaluate agents (base, init_sft, golden, step, step_nomask) on the configured splits,
+    greedy, the same instances for all; writes data/eval/ and metrics/<agent>.json."""
+    from stepflow.evaluation import evaluate_agent, write_dvc_metrics
+    from stepflow.jsonl import DataError
+    from stepflow.synthesize import EpisodeErrors
+
+    loaded = load_or_exit(params, overrides)
+    for agent in agents or loaded.evaluation.agents:
+        try:
+            results = {
+                split: evaluate_agent(loaded, agent, split) for split in loaded.evaluation.splits
+            }
+        except (DataError, FileNotFoundError, ValueError, EpisodeErrors) as exc:
+            raise _fail(str(exc)) from None
+        path = write_dvc_metrics(loaded, agent, results)
+        for split, metrics in results.items():
+            o = metrics.overall
+            console.print(
+                f"[green]{agent}[/] {split}: reward {o.reward.mean:.3f} "
+                f"[{o.reward.low:.2f}, {o.reward.high:.2f}], success {o.success.mean:.3f} "
+                f"({o.episodes} episodes) → {path}"
+            )
+
+
+@app.command("report")
+def report_command(
+    params: ParamsOption = DEFAULT_PARAMS,
+    overrides: OverrideOption = None,
+) -> None:
+    """Write reports/results.md, reports/per_task.csv and the plots from stored evaluations."""
+    from stepflow.report import build_report
+
+    loaded = load_or_exit(params, overrides)
+    try:
+        report = build_report(loaded)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(report.markdown)
+
+
+@app.command("compare")
+def compare_command(
+    run_a: Annotated[str, typer.Argument(help="MLflow run id or name")],
+    run_b: Annotated[str, typer.Argument(help="MLflow run id or name")],
+    prefix: Annotated[
+        str | None, typer.Option(help="only metrics starting with this, e.g. test/")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Print the metrics of two MLflow runs side by side with their difference (B - A)."""
+    from rich.table import Table
+
+    from stepflow.compare import compare_runs
+
+    loaded = load_or_exit(params)
+    try:
+        id_a, id_b, diffs = compare_runs(run_a, run_b, loaded.tracking, prefix)
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"A = {id_a}   B = {id_b}")
+    for column in ("metric", "A", "B", "B - A"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+
+    def show(value: float | None, signed: bool = False) -> str:
+        if value is None:
+            return "—"
+        return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+    for diff in diffs:
+        table.add_row(diff.name, show(diff.a), show(diff.b), show(diff.delta, signed=True))
+    Console(width=200).print(table)
+
+
+@app.command("pipeline")
+def pipeline_command(
+    params: ParamsOption = DEFAULT_PARAMS,
+    overrides: OverrideOption = None,
+) -> None:
+    """Run the whole pipeline as one Prefect flow run (without DVC's stage caching)."""
+    load_or_exit(params, overrides)
+    from flows.stages import step_pipeline
+    from stepflow.config import parse_overrides
+
+    typer.echo(step_pipeline(str(params), parse_overrides(overrides) or None))
+
+
 def main() -> None:
     """Entry point."""
     app()

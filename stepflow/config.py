@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -148,6 +155,11 @@ class SynthesisConfig(Strict):
 
     max_corrections: NonNegInt = 5
     keep_threshold: UnitInterval = 1.0
+    rewind: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="restore the environment to before a wrong step before the correction "
+        "runs; auto: when the step lost the task or changed the world (not a pure look)",
+    )
 
 
 class LoraConfig(Strict):
@@ -171,11 +183,24 @@ class TrainingConfig(Strict):
     gradient_accumulation_steps: PositiveInt = 1
     max_seq_len: PositiveInt = 2048
     truncation: Literal["drop", "truncate"] = "truncate"
-    packing: bool = True
+    packing: Literal["padding_free", "length_grouped", "none"] = Field(
+        default="padding_free",
+        description="padding_free: each batch's trajectories concatenated into one row "
+        "(position ids restart per trajectory, attention stays inside it, no pad tokens); "
+        "length_grouped: padded batches of similar length; none: padded, random order. "
+        "true/false read as padding_free/none",
+    )
     gradient_checkpointing: bool = True
     warmup_ratio: UnitInterval = 0.0
     save_steps: PositiveInt = 50
     logging_steps: PositiveInt = 1
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_from_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "padding_free" if value else "none"
+        return value
 
 
 class EvaluationConfig(Strict):
@@ -224,13 +249,21 @@ class Params(Strict):
     tracking: TrackingConfig = TrackingConfig()
     paths: PathsConfig = PathsConfig()
 
-    def section_hash(self, *sections: str) -> str:
-        """A short, stable hash of the named sections (all when none named)."""
+    def section_hash(self, *keys: str) -> str:
+        """A short, stable hash of the named keys (dotted paths; everything when none named)."""
         data = self.model_dump(mode="json")
-        if sections:
-            data = {key: data[key] for key in sections}
+        if keys:
+            data = {key: get_by_path(data, key) for key in keys}
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def get_by_path(data: dict[str, Any], dotted: str) -> Any:
+    """Read `a.b.c` from a nested dict."""
+    node: Any = data
+    for key in dotted.split("."):
+        node = node[key]
+    return node
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:

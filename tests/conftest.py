@@ -37,3 +37,49 @@ def params_file(tmp_path: Path) -> Path:
     target = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", target)
     return target
+
+
+# A tiny workspace with prepared data and a briefly trained base agent, shared by the tests
+# of synthesis, evaluation and reporting (training is the slow part on a CPU).
+TINY_OVERRIDES = [
+    "env.task_types=[find-non-living-thing]",
+    "splits.train_per_task=6",
+    "splits.test_per_task=2",
+    "env.workers=2",
+    "env.step_limit=10",
+    "rollout.concurrency=2",
+    "student.generation.max_new_tokens=40",
+    "agent.one_shot=false",
+    "training.max_steps=12",
+    "training.learning_rate=0.001",
+    "training.gradient_accumulation_steps=1",
+    "training.save_steps=100",
+]
+
+
+@pytest.fixture(scope="session")
+def base_agent_workspace(tmp_path_factory, embedded_dir) -> Path:
+    """A directory with params.yaml (tiny overrides applied), prepared data and an
+    `init_sft` adapter trained for a few steps on D1."""
+    import yaml
+
+    from stepflow.config import load_params, set_by_path
+    from stepflow.prepare import prepare
+    from stepflow.training import train_variant
+
+    workspace = tmp_path_factory.mktemp("workspace")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in (
+        (o.split("=", 1)[0], yaml.safe_load(o.split("=", 1)[1])) for o in TINY_OVERRIDES
+    ):
+        set_by_path(data, key, value)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    cwd = Path.cwd()
+    os.chdir(workspace)
+    try:
+        params = load_params("params.yaml")
+        prepare(params, show_progress=False)
+        train_variant(params, "init_sft")
+    finally:
+        os.chdir(cwd)
+    return workspace

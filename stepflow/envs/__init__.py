@@ -5,7 +5,7 @@ from __future__ import annotations
 from stepflow.config import EnvConfig
 from stepflow.envs.base import StepResult, TaskInstance, TextEnv
 
-__all__ = ["StepResult", "TaskInstance", "TextEnv", "make_env"]
+__all__ = ["StepResult", "TaskInstance", "TextEnv", "make_env", "observation_only"]
 
 
 def make_env(config: EnvConfig) -> TextEnv:
@@ -15,3 +15,12 @@ def make_env(config: EnvConfig) -> TextEnv:
 
         return ScienceWorldEnv(simplification=config.simplification)
     raise ValueError(f"env.name: unknown environment {config.name!r}")
+
+
+def observation_only(env: str, action: str) -> bool:
+    """Whether `action` in environment `env` only observes (changes nothing in the world)."""
+    if env == "scienceworld":
+        from stepflow.envs.scienceworld import observation_only as scienceworld_observation_only
+
+        return scienceworld_observation_only(action)
+    return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stepflow.trajectory import Split, instance_key
@@ -45,6 +46,7 @@ class TextEnv(ABC):
     """A text environment with a fixed task space. Use as a context manager; always closed."""
 
     name: str
+    start_score: float = 0.0  # the task's score right after reset (some tasks start above 0)
 
     @abstractmethod
     def reset(self, instance: TaskInstance) -> tuple[str, str]:
@@ -61,6 +63,15 @@ class TextEnv(ABC):
     @abstractmethod
     def gold_actions(self) -> list[str]:
         """The expert's action sequence for the current instance."""
+
+    def restore(self, instance: TaskInstance, actions: Sequence[str]) -> StepResult | None:
+        """Bring `instance` to the state after `actions` by resetting it and replaying them
+        (exact for deterministic simulators such as ScienceWorld). Returns the last result."""
+        self.reset(instance)
+        result = None
+        for action in actions:
+            result = self.step(action)
+        return result
 
     @abstractmethod
     def close(self) -> None:

@@ -8,6 +8,7 @@ replayed to restore its state before the next step runs.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Literal
 
 from stepflow.envs.base import StepResult, TaskInstance, TextEnv
@@ -22,6 +23,12 @@ INVALID_OBSERVATIONS = ("No known action matches that input.",)
 # move); stepflow enforces per-task step limits itself, so the JVM limit is set out of reach.
 _JVM_STEP_LIMIT = 100_000
 OfficialSplit = Literal["train", "dev", "test"]
+_OBSERVATION_ONLY = re.compile(r"^(look around|look at .+|look in .+|inventory|task|read .+)$")
+
+
+def observation_only(action: str) -> bool:
+    """Whether an action only observes (it leaves the world as it was)."""
+    return bool(_OBSERVATION_ONLY.match(" ".join(action.lower().split())))
 
 
 class EnvCrashed(RuntimeError):
@@ -139,7 +146,8 @@ class ScienceWorldEnv(TextEnv):
 
         def start() -> tuple[str, str]:
             self._load(instance)
-            observation, _info = self._sim.reset()
+            observation, info = self._sim.reset()
+            self.start_score = float(info["score"])
             return self._sim.get_task_description(), observation
 
         self._instance = instance

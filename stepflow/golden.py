@@ -1,0 +1,162 @@
+"""Golden (expert) trajectories from the simulator's gold action sequences.
+
+A gold sequence is replayed in the real environment and kept only if it reaches full score;
+the replay stops at the step that completes the task (gold paths may carry trailing no-ops).
+Thoughts come from a template, from an LLM (`ThoughtWriter`), or are left out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from stepflow.agent.prompts import format_observation, format_step, opening_turns
+from stepflow.envs.base import TaskInstance, TextEnv
+from stepflow.trajectory import Provenance, Trajectory, Turn
+
+
+@dataclass
+class GoldReplay:
+    """The outcome of replaying a gold action sequence."""
+
+    instance: TaskInstance
+    instruction: str
+    first_observation: str
+    actions: list[str] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    gold_length: int = 0
+
+    @property
+    def final_score(self) -> float:
+        """Score after the last replayed action."""
+        return self.scores[-1] if self.scores else 0.0
+
+    @property
+    def success(self) -> bool:
+        """Whether the replay reached full score."""
+        return self.final_score >= 100
+
+
+def replay_gold(env: TextEnv, instance: TaskInstance) -> GoldReplay:
+    """Replay the gold sequence of `instance` until the task completes or the sequence ends."""
+    instruction, first_observation = env.reset(instance)
+    gold = env.gold_actions()
+    replay = GoldReplay(instance, instruction, first_observation, gold_length=len(gold))
+    for action in gold:
+        result = env.step(action)
+        replay.actions.append(action)
+        replay.observations.append(result.observation)
+        replay.scores.append(result.score)
+        if result.done:
+            break
+    return replay
+
+
+_TEMPLATES: list[tuple[str, str]] = [
+    (r"^open door to (?P<x>.+)$", "The way to the {x} is through this door, so I open it."),
+    (r"^(?:go|teleport) to (?P<x>.+)$", "Next I go to the {x}."),
+    (r"^look around$", "I look around to see what is here."),
+    (r"^look at (?P<x>.+)$", "I take a closer look at the {x}."),
+    (r"^look in (?P<x>.+)$", "I look inside the {x}."),
+    (r"^focus on (?P<x>.+)$", "The {x} is what the task is about, so I focus on it."),
+    (r"^move (?P<x>.+?) (?:in inventory )?to (?P<y>.+)$", "I move the {x} to the {y}."),
+    (r"^pick up (?P<x>.+)$", "I pick up the {x} to carry it."),
+    (r"^put down (?P<x>.+)$", "I put down the {x}."),
+    (r"^pour (?P<x>.+) in(?:to)? (?P<y>.+)$", "I pour the {x} into the {y}."),
+    (r"^dunk (?P<x>.+) in(?:to)? (?P<y>.+)$", "I dunk the {x} into the {y}."),
+    (r"^mix (?P<x>.+)$", "I mix the contents of the {x}."),
+    (r"^connect (?P<x>.+) to (?P<y>.+)$", "I connect the {x} to the {y}."),
+    (r"^disconnect (?P<x>.+)$", "I disconnect the {x}."),
+    (r"^activate (?P<x>.+)$", "I turn on the {x}."),
+    (r"^deactivate (?P<x>.+)$", "I turn off the {x}."),
+    (r"^use (?P<x>.+) on (?P<y>.+)$", "I use the {x} on the {y}."),
+    (r"^read (?P<x>.+)$", "I read the {x}."),
+    (r"^open (?P<x>.+)$", "I open the {x}."),
+    (r"^close (?P<x>.+)$", "I close the {x}."),
+    (r"^wait\d*$", "I wait for things to progress."),
+    (r"^inventory$", "I check what I am carrying."),
+]
+_COMPILED = [(re.compile(pattern), text) for pattern, text in _TEMPLATES]
+
+
+def template_thought(action: str) -> str:
+    """A deterministic one-sentence rationale for an action."""
+    for pattern, text in _COMPILED:
+        match = pattern.match(action.strip())
+        if match:
+            return text.format(**match.groupdict())
+    return f"Next I will {action.strip()}."
+
+
+class ThoughtWriter(Protocol):
+    """Writes a short rationale for each gold action of a replay (e.g. a teacher LLM)."""
+
+    def thoughts(self, replay: GoldReplay) -> list[str]: ...
+
+
+def golden_thoughts(replay: GoldReplay, mode: str, writer: ThoughtWriter | None = None) -> list:
+    """Thoughts for each action of a replay under `golden.thoughts` mode."""
+    if mode == "none":
+        return [None] * len(replay.actions)
+    if mode == "template":
+        return [template_thought(action) for action in replay.actions]
+    if writer is None:
+        raise ValueError("golden.thoughts 'teacher' needs a thought writer (teacher LLM)")
+    thoughts = writer.thoughts(replay)
+    if len(thoughts) != len(replay.actions):
+        raise ValueError(
+            f"{replay.instance.key}: thought writer returned {len(thoughts)} "
+            f"thoughts for {len(replay.actions)} actions"
+        )
+    return thoughts
+
+
+def render_golden(
+    replay: GoldReplay,
+    thoughts: Sequence[str | None],
+    example: str | None,
+    provenance: Provenance,
+    max_observation_chars: int | None = None,
+) -> Trajectory:
+    """A golden replay as a ReAct trajectory (every step trained)."""
+    instance = replay.instance
+    turns = opening_turns(
+        instance.env, replay.instruction, replay.first_observation, example, max_observation_chars
+    )
+    for thought, action, observation in zip(
+        thoughts, replay.actions, replay.observations, strict=True
+    ):
+        turns.append(
+            Turn(
+                role="assistant",
+                kind="step",
+                loss=True,
+                action=action,
+                content=format_step(thought, action),
+            )
+        )
+        turns.append(
+            Turn(
+                role="user",
+                kind="observation",
+                content=format_observation(observation, max_observation_chars),
+            )
+        )
+    score = replay.final_score
+    return Trajectory(
+        env=instance.env,
+        task_type=instance.task_type,
+        variation=instance.variation,
+        split=instance.split,
+        instruction=replay.instruction,
+        turns=turns,
+        reward=max(0.0, min(score, 100.0)) / 100.0,
+        score=score,
+        success=replay.success,
+        num_steps=len(replay.actions),
+        done=True,
+        provenance=provenance,
+    )

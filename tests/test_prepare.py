@@ -1,0 +1,128 @@
+"""The prepare stage on the real simulator: outputs, examples, resumption after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from stepflow.config import load_params
+from stepflow.prepare import load_examples, load_prepared, prepare, prepare_hash
+from stepflow.trajectory import read_trajectories
+
+TASKS = "[find-non-living-thing, lifespan-longest-lived]"
+
+
+def _overrides(train: int = 4) -> list[str]:
+    return [
+        f"env.task_types={TASKS}",
+        f"splits.train_per_task={train}",
+        "splits.test_per_task=2",
+        "env.workers=1",
+    ]
+
+
+def test_prepare_writes_verified_golden_sets(tmp_path, params_file, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = load_params(params_file, _overrides())
+    summary = prepare(params, show_progress=False)
+    manifest, d1, d2 = load_prepared(Path("data"))
+    assert summary.kept == {"u1": len(d1), "u2": len(d2)}
+    assert summary.dropped == []
+    assert {t.key for t in d1} == {i.key for i in manifest.select("u1")}
+    assert {t.key for t in d2} == {i.key for i in manifest.select("u2")}
+    for trajectory in d1 + d2:
+        assert trajectory.success and trajectory.reward == 1.0
+        steps = trajectory.assistant_turns()
+        assert steps and all(t.kind == "step" and t.loss for t in steps)
+        assert all(t.content.startswith("Thought: ") for t in steps)
+        assert trajectory.provenance.params_hash == prepare_hash(params)
+    examples = load_examples(Path("data"))
+    u1_keys = {i.key for i in manifest.select("u1")}
+    test_keys = {i.key for i in manifest.select("test")}
+    for candidates in examples.values():
+        for candidate in candidates:
+            assert candidate["key"] in u1_keys and candidate["key"] not in test_keys
+    for trajectory in d1:  # a trajectory never carries itself as its demonstration
+        own = {c["key"]: c["text"] for c in examples[trajectory.task_type]}.get(trajectory.key)
+        if own is not None:
+            assert own not in trajectory.turns[1].content
+        assert "Here is an example" in trajectory.turns[1].content
+    stats = json.loads(Path("data/prepare_stats.json").read_text())
+    assert stats["replayed"] == len(manifest.select("u1", "u2"))
+
+
+def test_thought_modes(tmp_path, params_file, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = load_params(
+        params_file, [*_overrides(), "golden.thoughts=none", "agent.one_shot=false"]
+    )
+    prepare(params, show_progress=False)
+    _, d1, _ = load_prepared(Path("data"))
+    assert all(t.content.startswith("Action: ") for t in d1[0].assistant_turns())
+    assert "Here is an example" not in d1[0].turns[1].content
+
+
+@pytest.mark.slow
+def test_killed_prepare_resumes_without_duplicates(tmp_path, params_file) -> None:
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(params_file.read_text())
+    args = [sys.executable, "-m", "stepflow.cli", "prepare", "-p", str(params_path)]
+    for override in _overrides(train=12):
+        args += ["-S", override]
+    params = load_params(params_path, _overrides(train=12))
+    work_log = tmp_path / ".stepflow" / "work" / f"prepare-{prepare_hash(params)}" / "golden.jsonl"
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if work_log.exists() and work_log.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    assert not (tmp_path / "data" / "golden_d1.jsonl").exists()  # no half-written output
+    landed = [t.key for t in read_trajectories(work_log)]
+    assert 3 <= len(landed) < 24
+
+    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    stats = json.loads((tmp_path / "data" / "prepare_stats.json").read_text())
+    assert stats["resumed"] == len(landed)
+    assert stats["replayed"] == 24 - len(landed)
+    keys = [t.key for t in read_trajectories(work_log)]
+    assert len(keys) == 24 and len(set(keys)) == 24
+    d1 = list(read_trajectories(tmp_path / "data" / "golden_d1.jsonl"))
+    d2 = list(read_trajectories(tmp_path / "data" / "golden_d2.jsonl"))
+    counts = Counter(t.key for t in d1 + d2)
+    assert len(counts) == 24 and max(counts.values()) == 1
+
+
+def test_parallel_workers_give_the_same_data(tmp_path, params_file, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = load_params(params_file, _overrides())
+    prepare(params, workers=1, show_progress=False, work_root=tmp_path / "w1")
+    one = Path("data/golden_d1.jsonl").read_text()
+    prepare(params, workers=2, show_progress=False, work_root=tmp_path / "w2")
+    two = Path("data/golden_d1.jsonl").read_text()
+
+    def strip_times(text: str) -> list:
+        records = [json.loads(line) for line in text.splitlines()]
+        for record in records:
+            record["provenance"].pop("created_at")
+        return records
+
+    assert strip_times(one) == strip_times(two)

@@ -1,0 +1,83 @@
+"""U1/U2/test/dev splits: disjoint, deterministic for a seed, covering the task types."""
+
+from __future__ import annotations
+
+import pytest
+
+from stepflow.config import load_params
+from stepflow.envs.scienceworld import ScienceWorldEnv
+from stepflow.splits import build_manifest, load_manifest, split_train, write_manifest
+
+TASKS = ["find-non-living-thing", "lifespan-longest-lived", "find-plant"]
+
+
+@pytest.fixture(scope="module")
+def env():
+    with ScienceWorldEnv() as environment:
+        yield environment
+
+
+def _params(params_file, seed=0, **splits):
+    overrides = [f"seed={seed}", f"env.task_types={TASKS}"]
+    overrides += [f"splits.{k}={v}" for k, v in splits.items()]
+    return load_params(params_file, overrides)
+
+
+def test_splits_disjoint_and_cover_tasks(env, params_file) -> None:
+    params = _params(params_file, train_per_task=6, test_per_task=3, dev_per_task=2)
+    manifest = build_manifest(env, params)
+    keys = {s: {i.key for i in manifest.select(s)} for s in ("u1", "u2", "test", "dev")}
+    for a in keys:
+        for b in keys:
+            if a < b:
+                assert not keys[a] & keys[b], (a, b)
+    counts = manifest.counts()
+    assert set(counts) == set(TASKS)
+    for task in TASKS:
+        assert counts[task] == {"u1": 3, "u2": 3, "test": 3, "dev": 2}
+    official_test = set(env.variations(TASKS[0], "test"))
+    assert {i.variation for i in manifest.select("test", task_types=[TASKS[0]])} <= official_test
+    official_train = set(env.variations(TASKS[0], "train"))
+    picked = {i.variation for i in manifest.select("u1", "u2", task_types=[TASKS[0]])}
+    assert picked <= official_train
+
+
+def test_splits_deterministic_for_a_seed(env, params_file) -> None:
+    a = build_manifest(env, _params(params_file, seed=7, train_per_task=6))
+    b = build_manifest(env, _params(params_file, seed=7, train_per_task=6))
+    c = build_manifest(env, _params(params_file, seed=8, train_per_task=6))
+    assert a.instances == b.instances
+    assert a.instances != c.instances
+
+
+def test_task_order_does_not_change_splits(env, params_file) -> None:
+    forward = build_manifest(env, _params(params_file, train_per_task=4))
+    params = load_params(
+        params_file, [f"env.task_types={list(reversed(TASKS))}", "splits.train_per_task=4"]
+    )
+    backward = build_manifest(env, params)
+    assert set(forward.instances) == set(backward.instances)
+
+
+def test_fraction_controls_u1_share() -> None:
+    variations = list(range(20))
+    u1, u2 = split_train(variations, 0.25, 0, "t")
+    assert len(u1) == 5 and len(u2) == 15
+    assert sorted(u1 + u2) == variations
+    u1, u2 = split_train([3, 4], 0.9, 0, "t")
+    assert len(u1) == 1 and len(u2) == 1
+
+
+def test_unknown_task_type_and_too_few_instances(env, params_file) -> None:
+    params = load_params(params_file, ["env.task_types=[no-such-task]"])
+    with pytest.raises(ValueError, match="no-such-task"):
+        build_manifest(env, params)
+    params = _params(params_file, train_per_task=1)
+    with pytest.raises(ValueError, match="train_per_task"):
+        build_manifest(env, params)
+
+
+def test_manifest_round_trip(env, params_file, tmp_path) -> None:
+    manifest = build_manifest(env, _params(params_file, train_per_task=4))
+    write_manifest(tmp_path / "manifest.json", manifest)
+    assert load_manifest(tmp_path / "manifest.json") == manifest
