@@ -1,0 +1,199 @@
+"""An OpenAI-compatible chat-completions endpoint (vLLM, a hosted model) as a chat backend.
+
+Requests run concurrently up to `endpoint.concurrency`. Timeouts, connection errors, 408,
+409, 429 and 5xx answers are retried with exponential backoff and jitter, `max_retries`
+times (the client's own retries are off so that every attempt is counted here); other
+errors, and the last failed attempt, raise `EndpointError`. The API key is read from the
+environment variable named by `endpoint.api_key_env` and is neither logged nor stored
+anywhere but in the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from stepflow.config import EndpointConfig, GenerationConfig
+from stepflow.llm.base import BackendError, Completion, Message
+
+log = logging.getLogger(__name__)
+
+# Sent when no key is configured: local servers (vLLM without --api-key) accept anything.
+PLACEHOLDER_API_KEY = "EMPTY"
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+class EndpointError(BackendError):
+    """An endpoint request failed for good (after retries, or with a non-retryable error)."""
+
+    def __init__(self, message: str, *, attempts: int, status: int | None = None) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.status = status
+
+
+@dataclass
+class EndpointStats:
+    """Counters of an endpoint backend since it started."""
+
+    requests: int = 0
+    attempts: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def api_key_from_env(variable: str | None) -> str:
+    """The API key from the named environment variable, or a placeholder when unset."""
+    if variable:
+        value = os.environ.get(variable)
+        if value:
+            return value
+    return PLACEHOLDER_API_KEY
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
+    """Exponential backoff with jitter: uniform in [d/2, d], d = min(max_s, base_s * 2^attempt)."""
+    delay = min(max_s, base_s * (2**attempt))
+    return random.uniform(delay / 2, delay)
+
+
+def _is_retryable(exc: Exception) -> tuple[bool, int | None]:
+    import openai
+
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True, None
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        return status in RETRYABLE_STATUS or status >= 500, status
+    return False, None
+
+
+def _retry_after(exc: Exception) -> float | None:
+    """Seconds from a Retry-After header of a 429/503 answer, when it is a number."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class OpenAIBackend:
+    """Chat completions from an OpenAI-compatible server (use it within one event loop)."""
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        generation: GenerationConfig | None = None,
+        *,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        from openai import AsyncOpenAI
+
+        self.endpoint = endpoint
+        self.name = endpoint.model
+        self.generation = generation or GenerationConfig()
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.stats = EndpointStats()
+        self._semaphore = asyncio.Semaphore(endpoint.concurrency)
+        self._client = AsyncOpenAI(
+            api_key=api_key_from_env(endpoint.api_key_env),
+            base_url=endpoint.base_url,
+            timeout=endpoint.timeout_s,
+            max_retries=0,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(model={self.name!r}, base_url={self.endpoint.base_url!r})"
+
+    def _request(self, messages: list[Message], max_new_tokens: int | None) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "model": self.endpoint.model,
+            "messages": messages,
+            "max_tokens": max_new_tokens or self.generation.max_new_tokens,
+            "temperature": self.generation.temperature,
+        }
+        if self.generation.temperature > 0:
+            request["top_p"] = self.generation.top_p
+        return request
+
+    async def complete(
+        self,
+        messages: list[Message],
+        *,
+        session: str | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Completion:
+        """One chat completion, retried on transient failures."""
+        request = self._request(messages, max_new_tokens)
+        attempts = self.endpoint.max_retries + 1
+        self.stats.requests += 1
+        async with self._semaphore:
+            for attempt in range(attempts):
+                self.stats.attempts += 1
+                try:
+                    response = await self._client.chat.completions.create(**request)
+                except Exception as exc:
+                    retryable, status = _is_retryable(exc)
+                    last = attempt == attempts - 1
+                    if not retryable or last:
+                        self.stats.failures += 1
+                        why = f"after {attempt + 1} attempts" if retryable else "not retryable"
+                        raise EndpointError(
+                            f"{self.endpoint.base_url} model {self.name!r}: "
+                            f"{type(exc).__name__}: {exc} ({why})",
+                            attempts=attempt + 1,
+                            status=status,
+                        ) from exc
+                    delay = _retry_after(exc) or backoff_delay(
+                        attempt, self.backoff_base_s, self.backoff_max_s
+                    )
+                    self.stats.retries += 1
+                    log.warning(
+                        "endpoint %s: %s (attempt %d/%d); retrying in %.2fs",
+                        self.endpoint.base_url,
+                        type(exc).__name__,
+                        attempt + 1,
+                        attempts,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                return self._completion(response)
+        raise AssertionError("unreachable")
+
+    def _completion(self, response: Any) -> Completion:
+        if not response.choices:
+            raise EndpointError(f"{self.endpoint.base_url}: answer has no choices", attempts=1)
+        choice = response.choices[0]
+        usage = response.usage
+        prompt_tokens = usage.prompt_tokens if usage else 0
+        completion_tokens = usage.completion_tokens if usage else 0
+        details = getattr(usage, "prompt_tokens_details", None) if usage else None
+        cached = getattr(details, "cached_tokens", None) or 0
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+        return Completion(
+            text=choice.message.content or "",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached,
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+        )
+
+    def end_session(self, session: str) -> None:
+        """Nothing is kept per session (servers cache prefixes themselves)."""
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._client.close()

@@ -1,0 +1,229 @@
+"""The rollout engine: many episodes at once, each finished one appended to a JSONL file.
+
+`concurrency` workers each own one environment (its own simulator process) and run one
+episode at a time; their LLM calls overlap, so a batching backend decodes them together.
+A finished episode is appended (and fsynced) at once; a rerun on the same file skips the
+instances already there, so an interrupted rollout resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stepflow.envs.aio import AsyncEnv
+from stepflow.envs.base import TaskInstance, TextEnv
+from stepflow.episode import RolloutSettings, Source, run_episode
+from stepflow.llm.base import ChatBackend
+from stepflow.progress import progress_bar
+from stepflow.review import Reviewer
+from stepflow.trajectory import Trajectory, TrajectoryLog
+
+if TYPE_CHECKING:
+    from stepflow.config import Params
+
+log = logging.getLogger(__name__)
+
+ExampleFor = Callable[[TaskInstance], str | None]
+
+
+@dataclass
+class RolloutSummary:
+    """Totals over the requested instances that have a trajectory in the output file."""
+
+    episodes: int = 0
+    new_episodes: int = 0
+    skipped: int = 0
+    remaining: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
+    mean_reward: float = 0.0
+    success_rate: float = 0.0
+    steps: int = 0
+    parse_failures: int = 0
+    invalid_actions: int = 0
+    corrections: int = 0
+    teacher_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    new_steps: int = 0
+    wall_s: float = 0.0
+    steps_per_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def summarize(
+    trajectories: Sequence[Trajectory], new: Sequence[Trajectory], wall_s: float
+) -> RolloutSummary:
+    """Aggregate counters of finished episodes; throughput counts the `new` ones."""
+    count = len(trajectories)
+    new_steps = sum(t.num_steps for t in new)
+    return RolloutSummary(
+        episodes=count,
+        new_episodes=len(new),
+        mean_reward=sum(t.reward for t in trajectories) / count if count else 0.0,
+        success_rate=sum(t.success for t in trajectories) / count if count else 0.0,
+        steps=sum(t.num_steps for t in trajectories),
+        parse_failures=sum(t.stats.parse_failures for t in trajectories),
+        invalid_actions=sum(t.stats.invalid_actions for t in trajectories),
+        corrections=sum(t.stats.corrections for t in trajectories),
+        teacher_calls=sum(t.stats.teacher_calls for t in trajectories),
+        prompt_tokens=sum(t.stats.prompt_tokens for t in trajectories),
+        completion_tokens=sum(t.stats.completion_tokens for t in trajectories),
+        new_steps=new_steps,
+        wall_s=round(wall_s, 3),
+        steps_per_s=round(new_steps / wall_s, 3) if wall_s > 0 else 0.0,
+    )
+
+
+class _Throughput:
+    """Running mean reward and steps/s of the episodes finished in this run."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.rewards: list[float] = []
+        self.steps = 0
+
+    def add(self, trajectory: Trajectory) -> str:
+        """Count an episode; return the figures to show."""
+        self.rewards.append(trajectory.reward)
+        self.steps += trajectory.num_steps
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        mean = sum(self.rewards) / len(self.rewards)
+        return f"reward {mean:.2f} | {self.steps / elapsed:.2f} steps/s"
+
+
+async def rollout(
+    instances: Sequence[TaskInstance],
+    backend: ChatBackend,
+    output: str | Path,
+    *,
+    env_factory: Callable[[], TextEnv],
+    settings: RolloutSettings,
+    concurrency: int = 4,
+    example_for: ExampleFor | None = None,
+    reviewer: Reviewer | None = None,
+    max_episodes: int | None = None,
+    progress: bool = True,
+) -> RolloutSummary:
+    """Run `backend`'s policy on every instance not yet in `output`; return the totals.
+
+    `max_episodes` stops after that many new episodes (the rest stays for a rerun). An
+    episode that raises (simulator crash beyond its restarts, endpoint down, reviewer
+    error) is reported in `errors` and not written, so a rerun tries it again.
+    """
+    started = time.perf_counter()
+    wanted = list(dict.fromkeys(instances))
+    keys = {instance.key for instance in wanted}
+    errors: dict[str, str] = {}
+    new: list[Trajectory] = []
+    with TrajectoryLog(output) as trajectories:
+        pending = [i for i in wanted if i.key not in trajectories.done]
+        skipped = len(wanted) - len(pending)
+        if skipped:
+            log.info("%s: %d of %d instances already done", output, skipped, len(wanted))
+        queue: asyncio.Queue[TaskInstance] = asyncio.Queue()
+        for instance in pending:
+            queue.put_nowait(instance)
+        workers = max(1, min(concurrency, len(pending)))
+        stop = asyncio.Event()
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stepflow-env")
+
+        async def worker() -> None:
+            env: AsyncEnv | None = None
+            loop = asyncio.get_running_loop()
+            try:
+                while not stop.is_set():
+                    try:
+                        instance = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    try:
+                        if env is None:
+                            started_env = await loop.run_in_executor(executor, env_factory)
+                            env = AsyncEnv(started_env, executor)
+                        trajectory = await run_episode(
+                            env,
+                            instance,
+                            backend,
+                            settings,
+                            example=example_for(instance) if example_for else None,
+                            reviewer=reviewer,
+                        )
+                    except Exception as exc:
+                        log.exception("%s: episode failed", instance.key)
+                        errors[instance.key] = f"{type(exc).__name__}: {exc}"
+                        if env is not None:
+                            await env.close()
+                            env = None
+                        continue
+                    trajectories.append(trajectory)
+                    new.append(trajectory)
+                    bar.advance()
+                    bar.note(throughput.add(trajectory))
+                    if max_episodes is not None and len(new) >= max_episodes:
+                        stop.set()
+            finally:
+                if env is not None:
+                    await env.close()
+
+        try:
+            throughput = _Throughput()
+            with progress_bar("episodes", len(pending), progress and bool(pending)) as bar:
+                await asyncio.gather(*(worker() for _ in range(workers)))
+        finally:
+            executor.shutdown(wait=True)
+        finished = [trajectories.done[i.key] for i in wanted if i.key in trajectories.done]
+    summary = summarize(finished, new, time.perf_counter() - started)
+    summary.skipped = skipped
+    summary.errors = errors
+    summary.remaining = len(keys) - len(finished)
+    return summary
+
+
+def run_rollout(
+    params: Params,
+    instances: Sequence[TaskInstance],
+    output: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    example_for: ExampleFor | None = None,
+    reviewer: Reviewer | None = None,
+    source: Source = "rollout",
+    concurrency: int | None = None,
+    max_episodes: int | None = None,
+    progress: bool = True,
+) -> RolloutSummary:
+    """Run the student of params.yaml (optionally with a LoRA adapter) on `instances`."""
+    from stepflow.envs import make_env
+    from stepflow.llm import make_backend
+
+    settings = RolloutSettings.from_params(params, source=source)
+
+    async def main() -> RolloutSummary:
+        backend = make_backend(params.student, adapter=adapter)
+        try:
+            return await rollout(
+                instances,
+                backend,
+                output,
+                env_factory=lambda: make_env(params.env),
+                settings=settings,
+                concurrency=concurrency or params.rollout.concurrency,
+                example_for=example_for,
+                reviewer=reviewer,
+                max_episodes=max_episodes,
+                progress=progress,
+            )
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(main())

@@ -1,0 +1,213 @@
+"""The OpenAI-compatible backend against a real local HTTP server serving the embedded model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stepflow.config import EndpointConfig, GenerationConfig, LLMConfig
+from stepflow.llm import make_backend
+from stepflow.llm.endpoint import (
+    PLACEHOLDER_API_KEY,
+    EndpointError,
+    OpenAIBackend,
+    api_key_from_env,
+    backoff_delay,
+)
+from stepflow.llm.local import LocalBackend
+
+SERVER = Path(__file__).parent / "servers" / "openai_compat.py"
+KEY_ENV = "STEPFLOW_TEST_ENDPOINT_KEY"
+KEY = "test-key-not-a-secret-3f9a"
+MAX_NEW = 24
+QUESTION = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is the capital of France? Answer in one word."},
+]
+OTHER = [{"role": "user", "content": "Name a metal. Answer in one word."}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(embedded_dir):
+    """Base URL of a live OpenAI-compatible server over the embedded model."""
+    port = free_port()
+    env = {**os.environ, KEY_ENV: KEY}
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), "--port", str(port), "--api-key-env", KEY_ENV],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    root = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{root}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start")
+        time.sleep(0.5)
+    yield root
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def local(embedded_dir):
+    backend = LocalBackend("embedded")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+
+
+def inject(root: str, **fault) -> None:
+    httpx.post(f"{root}/admin/faults", json=fault, timeout=5).raise_for_status()
+
+
+def endpoint(root: str, **overrides) -> EndpointConfig:
+    settings = {"base_url": f"{root}/v1", "model": "embedded", "api_key_env": KEY_ENV}
+    return EndpointConfig(**{**settings, **overrides})
+
+
+def run(backend: OpenAIBackend, *conversations: list[dict]):
+    """Complete conversations concurrently, then close the client."""
+
+    async def main():
+        try:
+            return await asyncio.gather(
+                *(backend.complete(c, max_new_tokens=MAX_NEW) for c in conversations)
+            )
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_same_greedy_text_as_the_local_backend(server, local, key_env) -> None:
+    backend = make_backend(
+        LLMConfig(backend="openai", endpoint=endpoint(server), generation=GenerationConfig())
+    )
+    assert isinstance(backend, OpenAIBackend)
+    assert backend.name == "embedded"
+    answers = run(backend, QUESTION, OTHER, QUESTION)
+    expected = [local.complete_sync(c, max_new_tokens=MAX_NEW) for c in (QUESTION, OTHER)]
+    assert [a.text for a in answers] == [expected[0].text, expected[1].text, expected[0].text]
+    assert "Paris" in answers[0].text
+    assert answers[0].prompt_tokens == expected[0].prompt_tokens
+    assert answers[0].completion_tokens == expected[0].completion_tokens
+    assert backend.stats.attempts == 3
+
+
+@pytest.mark.slow
+def test_transient_errors_are_retried(server, key_env) -> None:
+    inject(server, count=1, status=503)
+    inject(server, count=1, status=429)
+    backend = OpenAIBackend(endpoint(server, max_retries=3), backoff_base_s=0.01)
+    (answer,) = run(backend, QUESTION)
+    assert "Paris" in answer.text
+    assert (backend.stats.attempts, backend.stats.retries, backend.stats.failures) == (3, 2, 0)
+
+
+@pytest.mark.slow
+def test_gives_up_after_max_retries(server, key_env) -> None:
+    inject(server, count=3, status=500)
+    backend = OpenAIBackend(endpoint(server, max_retries=2), backoff_base_s=0.01)
+    with pytest.raises(EndpointError, match="after 3 attempts") as info:
+        run(backend, QUESTION)
+    assert info.value.attempts == 3
+    assert info.value.status == 500
+
+
+@pytest.mark.slow
+def test_timeouts_are_retried(server, key_env) -> None:
+    inject(server, count=1, delay_s=30.0)
+    backend = OpenAIBackend(endpoint(server, max_retries=1, timeout_s=8.0), backoff_base_s=0.01)
+    (answer,) = run(backend, QUESTION)
+    assert "Paris" in answer.text
+    assert backend.stats.attempts == 2
+
+
+@pytest.mark.slow
+def test_client_errors_are_not_retried(server, key_env) -> None:
+    backend = OpenAIBackend(endpoint(server, model="no-such-model"), backoff_base_s=0.01)
+    with pytest.raises(EndpointError, match="not retryable") as info:
+        run(backend, QUESTION)
+    assert (info.value.attempts, info.value.status) == (1, 404)
+
+
+@pytest.mark.slow
+def test_api_key_comes_from_the_env_and_is_never_logged(server, monkeypatch, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv(KEY_ENV, "wrong-key")
+    backend = OpenAIBackend(endpoint(server), backoff_base_s=0.01)
+    with pytest.raises(EndpointError) as info:
+        run(backend, QUESTION)
+    assert info.value.status == 401
+    assert "wrong-key" not in str(info.value)
+    assert "wrong-key" not in repr(backend)
+    monkeypatch.delenv(KEY_ENV)
+    backend = OpenAIBackend(endpoint(server), backoff_base_s=0.01)
+    with pytest.raises(EndpointError):
+        run(backend, QUESTION)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    inject(server, count=1, status=502)
+    backend = OpenAIBackend(endpoint(server, max_retries=1), backoff_base_s=0.01)
+    run(backend, QUESTION)
+    assert KEY not in caplog.text
+
+
+def test_unreachable_server_fails_after_retries() -> None:
+    config = EndpointConfig(
+        base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", api_key_env=None, max_retries=2
+    )
+    backend = OpenAIBackend(config, backoff_base_s=0.01)
+    with pytest.raises(EndpointError, match="APIConnectionError") as info:
+        run(backend, QUESTION)
+    assert info.value.attempts == 3
+    assert backend.stats.retries == 2
+
+
+def test_api_key_placeholder_and_backoff(monkeypatch) -> None:
+    monkeypatch.delenv("STEPFLOW_UNSET_KEY_VAR", raising=False)
+    assert api_key_from_env("STEPFLOW_UNSET_KEY_VAR") == PLACEHOLDER_API_KEY
+    assert api_key_from_env(None) == PLACEHOLDER_API_KEY
+    monkeypatch.setenv("STEPFLOW_SET_KEY_VAR", "k")
+    assert api_key_from_env("STEPFLOW_SET_KEY_VAR") == "k"
+    delays = [backoff_delay(attempt, 0.5, 4.0) for attempt in range(6)]
+    assert 0.25 <= delays[0] <= 0.5
+    assert all(2.0 <= d <= 4.0 for d in delays[3:])
+
+
+def test_adapter_path_is_refused_for_endpoints() -> None:
+    config = LLMConfig(backend="openai", endpoint=EndpointConfig(model="m"))
+    with pytest.raises(ValueError, match="enable-lora"):
+        make_backend(config, adapter=Path("adapter"))
