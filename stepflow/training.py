@@ -1,0 +1,468 @@
+"""Fine-tuning of the student: QLoRA (or LoRA, or full) SFT on partially masked trajectories.
+
+One function, `train_variant`, serves every training stage. It tokenizes the variant's data
+files (`stepflow.masking`), trains with transformers' `Trainer` on the pre-tokenized labels,
+checkpoints into a work directory keyed by data and params (so a rerun after a crash resumes
+from the last checkpoint, even when DVC has deleted the stage's outputs) and writes the adapter
+atomically to `models/<variant>/` with a model card and a machine-readable `stepflow.json`.
+
+Batching (`training.packing`):
+- `padding_free`: the trajectories of a batch are concatenated into one row with position
+  ids restarting at each trajectory and no attention mask (`DataCollatorWithFlattening`).
+  transformers derives a block-diagonal causal mask from the position ids for sdpa and eager
+  attention as well as flash attention, so no token attends across trajectories. That
+  detection only happens without a KV cache, so training always runs with `use_cache=False`
+  (with the cache on, trajectories would silently attend to each other). Without flash
+  attention the block-diagonal mask is applied densely: attention over a packed row costs
+  (sum of lengths)^2, so on CPU it measures on par with `length_grouped`
+  (benchmarks/bench_training.py); its advantage grows with flash attention's varlen kernels.
+- `length_grouped`: padded batches of trajectories of similar length (transformers'
+  `LengthGroupedSampler`, longest batch first).
+- `none`: padded batches in random order.
+With `batch_size: 1` the three are the same: one trajectory per row, no padding.
+
+Metrics (loss, learning rate, tokens/s, trained-token fraction, padding fraction) go to the
+Trainer's log and, when the caller has an active MLflow run, to that run. After a successful
+run the checkpoints of earlier runs of the same variant (other data or params) are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from stepflow.config import Params
+from stepflow.jsonl import atomic_write_json, atomic_write_text
+from stepflow.masking import IGNORE_INDEX, MaskStats, build_examples
+from stepflow.modeling import device, load_model, load_tokenizer, torch_dtype
+from stepflow.provenance import code_version, file_sha256, utc_now
+from stepflow.trajectory import load_trajectories
+
+WORK_ROOT = Path(".stepflow/work")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """The data files of a training variant and whether erroneous steps are masked."""
+
+    files: tuple[str, ...]
+    mask_erroneous: bool
+    description: str
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "init_sft": VariantSpec(("golden_d1.jsonl",), True, "base agent: SFT on golden D1"),
+    "golden": VariantSpec(
+        ("golden_d1.jsonl", "golden_d2.jsonl"), True, "SFT on all golden trajectories (D1+D2)"
+    ),
+    "step": VariantSpec(
+        ("golden_d1.jsonl", "reflected.jsonl"), True, "STeP: D1 + reflected, partial masking"
+    ),
+    "step_nomask": VariantSpec(
+        ("golden_d1.jsonl", "reflected.jsonl"),
+        False,
+        "ablation: D1 + reflected, erroneous steps trained",
+    ),
+}
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    variant: str
+    output_dir: Path
+    work_dir: Path
+    global_step: int
+    final_loss: float | None
+    resumed_from: str | None
+    stats: MaskStats
+    tokens_per_second: float
+    train_seconds: float
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def variant_spec(variant: str) -> VariantSpec:
+    """The spec of a variant, or a clear error naming the known ones."""
+    try:
+        return VARIANTS[variant]
+    except KeyError:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def variant_files(params: Params, variant: str) -> list[Path]:
+    """The data files a variant trains on, checked to exist."""
+    paths = [params.paths.data / name for name in variant_spec(variant).files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"variant {variant!r} needs missing data file(s): {missing}")
+    return paths
+
+
+BOOKKEEPING_KEYS = {"save_steps", "logging_steps"}
+
+
+def run_key(params: Params, variant: str, data_hashes: dict[str, str]) -> str:
+    """A hash of everything that determines a training run's result (data, training params
+    except checkpoint and logging intervals, base model, seed)."""
+    training = params.training.model_dump(mode="json", exclude=BOOKKEEPING_KEYS)
+    identity = {
+        "variant": variant,
+        "mask_erroneous": variant_spec(variant).mask_erroneous,
+        "data": data_hashes,
+        "training": training,
+        "student": {"model": params.student.model, "dtype": params.student.dtype},
+        "seed": params.seed,
+    }
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class TokenMeter:
+    """Counts real (non-pad), padded and trained tokens of the batches a trainer consumes."""
+
+    def __init__(self) -> None:
+        self.real = self.padded = self.trained = 0
+        self._mark = (0, 0, 0, time.perf_counter())
+
+    def add(self, inputs: dict[str, Any]) -> None:
+        """Count one batch."""
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else ids.numel()
+        self.padded += ids.numel()
+        self.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
+
+    def interval(self) -> dict[str, float]:
+        """Rates since the previous call."""
+        real, padded, trained, since = self._mark
+        now = time.perf_counter()
+        d_real, d_padded = self.real - real, self.padded - padded
+        d_trained = self.trained - trained
+        self._mark = (self.real, self.padded, self.trained, now)
+        if d_padded == 0:
+            return {}
+        return {
+            "tokens_per_second": d_real / max(now - since, 1e-9),
+            "trained_token_fraction": d_trained / max(d_real, 1),
+            "padding_fraction": 1 - d_real / d_padded,
+        }
+
+
+class MeteredTrainer(Trainer):
+    """`Trainer` that counts tokens per batch and adds throughput to its logs."""
+
+    def __init__(self, *args: Any, meter: TokenMeter, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.meter = meter
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.meter.add(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self.meter.interval())
+        super().log(logs, start_time)
+
+
+def log_to_active_run(metrics: dict[str, Any], step: int, prefix: str) -> None:
+    """Log the numeric values of `metrics` to the caller's active MLflow run, if any.
+
+    The caller owns run structure: nothing is logged when no run is active. mlflow is not
+    imported here: no run can be active in a process that never imported it.
+    """
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or mlflow.active_run() is None:
+        return
+    numeric = {
+        f"{prefix}{key}": float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+    if numeric:
+        mlflow.log_metrics(numeric, step=step)
+
+
+class MlflowMetrics(TrainerCallback):
+    """Send the trainer's logs to the caller's active MLflow run, if any."""
+
+    def __init__(self, prefix: str = "train/") -> None:
+        self.prefix = prefix
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        log_to_active_run(logs or {}, state.global_step, self.prefix)
+
+
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint (its trainer state, written last, parses)."""
+    if not checkpoints.is_dir():
+        return None
+    found = []
+    for path in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        try:
+            step = int(path.name.rsplit("-", 1)[1])
+            json.loads((path / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            continue
+        found.append((step, path))
+    return max(found)[1] if found else None
+
+
+def _prepare_model(params: Params):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    cfg = params.training
+    set_seed(params.seed)
+    method = "qlora" if cfg.method == "qlora" else "full"
+    model = load_model(params.student.model, method=method, dtype=params.student.dtype)
+    model.config.use_cache = False
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if cfg.method == "full":
+        return model
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def batch_collator(packing: str, tokenizer):
+    """The data collator of a `training.packing` mode (see the module docstring)."""
+    if packing == "padding_free":
+        return DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+    )
+
+
+def _training_args(params: Params, checkpoints: Path) -> TrainingArguments:
+    cfg = params.training
+    dtype = torch_dtype(params.student.dtype)
+    on_gpu = device() == "cuda"
+    warmup: float = cfg.warmup_ratio if cfg.warmup_ratio < 1 else 0.999
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=warmup,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=params.seed,
+        data_seed=params.seed,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        train_sampling_strategy=(
+            "group_by_length" if cfg.packing == "length_grouped" else "random"
+        ),
+        remove_unused_columns=False,
+        dataloader_pin_memory=on_gpu,
+        report_to="none",
+    )
+
+
+def _model_card(variant: str, meta: dict[str, Any]) -> str:
+    stats = meta["token_stats"]
+    data = "\n".join(
+        f"- `{d['file']}`: {d['trajectories']} trajectories, sha256 `{d['sha256'][:16]}…`"
+        for d in meta["data"]
+    )
+    loss = meta["final_loss"]
+    library = "peft" if meta["artifact"] == "lora_adapter" else "transformers"
+    return f"""---
+library_name: {library}
+tags: [stepflow, step, lora, sft]
+---
+# stepflow `{variant}` — {VARIANTS[variant].description}
+
+Artifact: {meta["artifact"]} on base model `{meta["base_model"]}`, trained with
+`{meta["training"]["method"]}` by stepflow {meta["code_version"]}.
+
+Masking: **{meta["masking"]}** — observations and prompts are never trained;
+erroneous student steps are {"context only (label -100)" if meta["mask_erroneous"] else "trained"}.
+
+## Data
+{data}
+
+## Tokens
+- examples {stats["examples"]}, kept {stats["kept"]}, dropped {stats["dropped"]},
+  truncated {stats["truncated"]}, without trained tokens {stats["empty"]}
+- tokens {stats["total_tokens"]}, trained {stats["trained_tokens"]}
+  (fraction {stats["trained_fraction"]:.3f})
+
+## Training
+- steps {meta["global_step"]}, final loss {f"{loss:.4f}" if loss is not None else "n/a"}
+- seed {meta["seed"]}; training params are in `stepflow.json`.
+"""
+
+
+def _publish(model, tokenizer, out_dir: Path, meta: dict[str, Any], variant: str) -> None:
+    """Write the artifact into a temporary sibling directory, then rename it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        if meta["artifact"] == "full_model":
+            model.config.use_cache = True
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+        atomic_write_text(tmp / "README.md", _model_card(variant, meta))
+        atomic_write_json(tmp / "stepflow.json", meta)
+        if out_dir.exists():
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune_stale_runs(work_dir: Path) -> None:
+    """Delete the checkpoints of earlier runs of the same variant (other data or params)."""
+    variant_prefix = work_dir.name.rsplit("-", 1)[0] + "-"
+    for other in work_dir.parent.glob(f"{variant_prefix}*"):
+        suffix = other.name[len(variant_prefix) :]
+        if other != work_dir and "-" not in suffix and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def _final_loss(history: list[dict[str, Any]]) -> float | None:
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    return float(losses[-1]) if losses else None
+
+
+def train_variant(
+    params: Params,
+    variant: str,
+    *,
+    out_dir: Path | None = None,
+    resume: bool = True,
+    work_root: Path | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> TrainResult:
+    """Train one variant from the base model; write its adapter to `out_dir`.
+
+    `out_dir` defaults to `<paths.models>/<variant>`. With `resume`, a rerun with the same
+    data and params continues from the last checkpoint in the work directory
+    (`<work_root>/train-<variant>-<run key>`); without, it starts over.
+    """
+    spec = variant_spec(variant)
+    cfg = params.training
+    files = variant_files(params, variant)
+    hashes = {path.name: file_sha256(path) for path in files}
+    work_dir = (work_root or WORK_ROOT) / f"train-{variant}-{run_key(params, variant, hashes)}"
+    checkpoints = work_dir / "checkpoints"
+    if not resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(params.student.model)
+    tokenizer.padding_side = "right"
+    counts = {}
+    trajectories = []
+    for path in files:
+        loaded = load_trajectories(path)
+        counts[path.name] = len(loaded)
+        trajectories.extend(loaded)
+    examples, stats = build_examples(
+        trajectories,
+        tokenizer,
+        mask_erroneous=spec.mask_erroneous,
+        max_seq_len=cfg.max_seq_len,
+        truncation=cfg.truncation,
+    )
+    if not examples:
+        raise ValueError(f"variant {variant!r}: no trainable example in {[str(p) for p in files]}")
+    atomic_write_json(work_dir / "token_stats.json", stats.as_dict())
+    log_to_active_run(stats.as_dict(), step=0, prefix="data/")
+
+    model = _prepare_model(params)
+    meter = TokenMeter()
+    trainer = MeteredTrainer(
+        model=model,
+        args=_training_args(params, checkpoints),
+        train_dataset=examples,
+        data_collator=batch_collator(cfg.packing, tokenizer),
+        callbacks=[MlflowMetrics(), *(callbacks or [])],
+        meter=meter,
+    )
+    start = last_checkpoint(checkpoints) if resume else None
+    began = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    seconds = time.perf_counter() - began
+    history = list(trainer.state.log_history)
+    final_loss = _final_loss(history)
+
+    meta = {
+        "variant": variant,
+        "description": spec.description,
+        "artifact": "full_model" if cfg.method == "full" else "lora_adapter",
+        "base_model": params.student.model,
+        "dtype": params.student.dtype,
+        "masking": "partial" if spec.mask_erroneous else "none",
+        "mask_erroneous": spec.mask_erroneous,
+        "data": [
+            {"file": name, "sha256": digest, "trajectories": counts[name]}
+            for name, digest in hashes.items()
+        ],
+        "training": cfg.model_dump(mode="json"),
+        "seed": params.seed,
+        "token_stats": stats.as_dict(),
+        "global_step": trainer.state.global_step,
+        "final_loss": final_loss,
+        "run_key": work_dir.name,
+        "code_version": code_version(),
+        "created_at": utc_now().isoformat(),
+    }
+    target = out_dir or params.paths.models / variant
+    _publish(trainer.model, tokenizer, target, meta, variant)
+    _prune_stale_runs(work_dir)
+    return TrainResult(
+        variant=variant,
+        output_dir=target,
+        work_dir=work_dir,
+        global_step=trainer.state.global_step,
+        final_loss=final_loss,
+        resumed_from=start.name if start else None,
+        stats=stats,
+        tokens_per_second=meter.real / seconds if seconds > 0 else 0.0,
+        train_seconds=seconds,
+        log_history=history,
+    )
