@@ -1,0 +1,179 @@
+"""The `synthesize` stage: self-reflected trajectories on U2.
+
+The base agent (the `init_sft` adapter on the student model) acts on the U2 instances; after
+every student step the teacher judges it against the instance's golden trajectory, and a
+wrong step is followed by the teacher's executed "Reflection / Thought / Action" turn. Kept
+are the trajectories whose final reward reaches `synthesis.keep_threshold`.
+
+Outputs (in `paths.data`): `reflected.jsonl` and `synthesis_stats.json`. Episodes land in a
+work log as they finish, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import mean
+
+from stepflow.config import Params
+from stepflow.envs import make_env
+from stepflow.episode import RolloutSettings
+from stepflow.jsonl import atomic_write_json
+from stepflow.llm import make_backend
+from stepflow.prepare import WORK_ROOT, example_for, load_examples, load_prepared
+from stepflow.provenance import file_sha256
+from stepflow.rollout import rollout
+from stepflow.teacher import make_teacher
+from stepflow.teacher.reviewer import TeacherReviewer
+from stepflow.trajectory import Trajectory, read_trajectories, write_trajectories
+
+SYNTHESIS_KEYS = (
+    "seed",
+    "env.name",
+    "env.simplification",
+    "env.step_limit",
+    "env.step_limits",
+    "agent",
+    "student",
+    "teacher",
+    "synthesis",
+)
+
+
+class EpisodeErrors(RuntimeError):
+    """Some episodes could not be run; finished ones are kept for a rerun."""
+
+
+@dataclass
+class SynthesisSummary:
+    """What synthesis produced."""
+
+    episodes: int
+    kept: int
+    dropped: int
+    without_reference: int
+    corrections_mean: float
+    corrections_total: int
+    episodes_corrected: int
+    teacher: str
+    teacher_calls: int
+    teacher_fallbacks: int
+    teacher_malformed: int
+    teacher_prompt_tokens: int
+    teacher_completion_tokens: int
+    student_prompt_tokens: int
+    student_completion_tokens: int
+    mean_reward: float
+    resumed: int
+    seconds: float
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def keep_rate(self) -> float:
+        """Kept / episodes."""
+        return self.kept / self.episodes if self.episodes else 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return {**asdict(self), "keep_rate": round(self.keep_rate, 4)}
+
+
+def base_agent_adapter(params: Params) -> Path | None:
+    """The init_sft adapter the student runs with (None for an endpoint student)."""
+    if params.student.backend != "local":
+        return None
+    path = Path(params.paths.models) / "init_sft"
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: base agent adapter missing (run the init_sft stage)")
+    return path
+
+
+def kept(trajectories: list[Trajectory], threshold: float) -> list[Trajectory]:
+    """Trajectories whose final reward reaches the threshold (and that did not fail)."""
+    return [t for t in trajectories if t.reward >= threshold and t.failure is None]
+
+
+def synthesize(
+    params: Params,
+    *,
+    adapter: Path | str | None = "init_sft",
+    show_progress: bool = True,
+    work_root: Path = WORK_ROOT,
+) -> SynthesisSummary:
+    """Run the synthesis stage; see the module docstring."""
+    started = time.perf_counter()
+    data_dir = Path(params.paths.data)
+    manifest, _d1, d2 = load_prepared(data_dir)
+    references = {t.key: t for t in d2}
+    u2 = manifest.select("u2")
+    instances = [i for i in u2 if i.key in references]
+    adapter_path = base_agent_adapter(params) if adapter == "init_sft" else adapter
+    digest = params.section_hash(*SYNTHESIS_KEYS)
+    if adapter_path is not None:
+        digest += "-" + file_sha256(Path(adapter_path) / "adapter_model.safetensors")[:12]
+    work_log = Path(work_root) / f"synthesize-{digest}" / "episodes.jsonl"
+
+    teacher = make_teacher(params.teacher)
+    reviewer = TeacherReviewer(teacher, references, params.synthesis.rewind)
+    settings = RolloutSettings.from_params(params, source="synthesis", params_hash=digest)
+    examples = load_examples(data_dir)
+
+    async def run():
+        backend = make_backend(params.student, adapter=adapter_path)
+        try:
+            return await rollout(
+                instances,
+                backend,
+                work_log,
+                env_factory=functools.partial(make_env, params.env),
+                settings=settings,
+                concurrency=params.rollout.concurrency,
+                example_for=functools.partial(example_for, examples),
+                reviewer=reviewer,
+                progress=show_progress,
+            )
+        finally:
+            await backend.aclose()
+            closer = getattr(teacher, "aclose", None)
+            if closer is not None:
+                await closer()
+
+    result = asyncio.run(run())
+    if result.errors:
+        listed = "; ".join(f"{k}: {v}" for k, v in sorted(result.errors.items()))
+        raise EpisodeErrors(
+            f"{len(result.errors)} episode(s) failed ({listed}); "
+            "rerun to retry them, finished episodes are kept"
+        )
+    wanted = {i.key for i in instances}
+    episodes = [t for t in read_trajectories(work_log) if t.key in wanted]
+    keep = kept(episodes, params.synthesis.keep_threshold)
+    write_trajectories(data_dir / "reflected.jsonl", keep)
+    corrections = [t.stats.corrections for t in episodes]
+    stats = teacher.stats
+    summary = SynthesisSummary(
+        episodes=len(episodes),
+        kept=len(keep),
+        dropped=len(episodes) - len(keep),
+        without_reference=len(u2) - len(instances),
+        corrections_mean=mean(corrections) if corrections else 0.0,
+        corrections_total=sum(corrections),
+        episodes_corrected=sum(1 for c in corrections if c),
+        teacher=teacher.name,
+        teacher_calls=sum(t.stats.teacher_calls for t in episodes),
+        teacher_fallbacks=sum(t.stats.teacher_fallbacks for t in episodes),
+        teacher_malformed=stats.malformed,
+        teacher_prompt_tokens=stats.prompt_tokens,
+        teacher_completion_tokens=stats.completion_tokens,
+        student_prompt_tokens=sum(t.stats.prompt_tokens for t in episodes),
+        student_completion_tokens=sum(t.stats.completion_tokens for t in episodes),
+        mean_reward=mean(t.reward for t in episodes) if episodes else 0.0,
+        resumed=result.skipped,
+        seconds=time.perf_counter() - started,
+        reasons=dict(stats.reasons),
+    )
+    atomic_write_json(data_dir / "synthesis_stats.json", summary.as_dict())
+    return summary

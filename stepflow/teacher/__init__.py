@@ -1,0 +1,31 @@
+"""Teachers that judge student steps and write reflections + corrections."""
+
+from __future__ import annotations
+
+from stepflow.config import TeacherConfig
+from stepflow.teacher.base import Judgment, StepFacts, Teacher, TeacherStats
+
+__all__ = ["Judgment", "StepFacts", "Teacher", "TeacherStats", "make_teacher"]
+
+
+def make_teacher(config: TeacherConfig) -> Teacher:
+    """The teacher configured in params.yaml (`teacher.kind`, `teacher.reflection`)."""
+    from stepflow.llm import make_backend
+    from stepflow.teacher.llm import LLMTeacher
+    from stepflow.teacher.reference import ReferenceTeacher
+
+    backend = make_backend(config.llm) if config.llm is not None else None
+    if config.kind == "llm":
+        assert backend is not None  # guaranteed by TeacherConfig validation
+        return LLMTeacher(
+            backend,
+            prompt_version=config.prompt_version,
+            max_retries=config.max_retries,
+            fallback=config.fallback,
+            max_new_tokens=config.llm.generation.max_new_tokens,
+        )
+    return ReferenceTeacher(
+        config.prompt_version,
+        reflection_backend=backend if config.reflection == "llm" else None,
+        max_new_tokens=config.llm.generation.max_new_tokens if config.llm else 96,
+    )

@@ -1,0 +1,73 @@
+"""A teacher plugged into the rollout as its step reviewer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from stepflow.envs import observation_only
+from stepflow.review import StepContext, StepReview
+from stepflow.teacher.base import StepFacts, Teacher
+from stepflow.trajectory import Trajectory
+
+RewindPolicy = Literal["auto", "always", "never"]
+
+
+def facts_from_context(ctx: StepContext) -> StepFacts:
+    """The teacher's view of the step under review."""
+    return StepFacts(
+        instance=ctx.instance,
+        instruction=ctx.instruction,
+        history=list(ctx.turns[:-2]),
+        thought=ctx.thought,
+        action=ctx.action,
+        observation=ctx.turns[-1].content,
+        valid=ctx.result.valid,
+        score=ctx.result.score,
+        previous_score=ctx.previous_score,
+        failed=ctx.result.failed,
+        done=ctx.result.done,
+        step_index=ctx.step_index,
+    )
+
+
+def should_rewind(policy: RewindPolicy, facts: StepFacts) -> bool:
+    """Whether to restore the world to before the wrong step before correcting it."""
+    if policy == "always" or facts.failed or facts.done:
+        return True
+    if policy == "never":
+        return False
+    return facts.valid and not observation_only(facts.instance.env, facts.action)
+
+
+class TeacherReviewer:
+    """Asks the teacher about every student step, with the instance's golden reference."""
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        references: Mapping[str, Trajectory],
+        rewind: RewindPolicy = "auto",
+    ) -> None:
+        self.teacher = teacher
+        self.references = references
+        self.rewind = rewind
+        self.name = teacher.name
+
+    async def review(self, ctx: StepContext) -> StepReview | None:
+        """A correction when the teacher judges the step wrong."""
+        reference = self.references.get(ctx.instance.key)
+        if reference is None:
+            raise KeyError(f"{ctx.instance.key}: no golden reference trajectory for the teacher")
+        facts = facts_from_context(ctx)
+        judgment = await self.teacher.judge(facts, reference)
+        if judgment.fallback:
+            ctx.stats.teacher_fallbacks += 1
+        if judgment.correct or not judgment.action:
+            return None
+        return StepReview(
+            reflection=judgment.reflection or "",
+            thought=judgment.thought or "",
+            action=judgment.action,
+            rewind=should_rewind(self.rewind, facts),
+        )
