@@ -1,0 +1,172 @@
+"""The `evaluate` stage: every agent on the same test (and dev) instances, greedy.
+
+Agents: `base` (the untrained student model) and the LoRA adapters `init_sft`, `golden`,
+`step`, `step_nomask` on it. Each agent's episodes land in a resumable work log and are
+written to `data/eval/<agent>/<split>.jsonl`; metrics go to
+`data/eval/<agent>/<split>.metrics.json` (full, with instances) and `metrics/<agent>.json`
+(flat figures per split, for `dvc metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from pathlib import Path
+
+from stepflow.config import LLMConfig, Params
+from stepflow.envs import make_env
+from stepflow.episode import RolloutSettings
+from stepflow.jsonl import atomic_write_json
+from stepflow.llm import make_backend
+from stepflow.metrics import AgentMetrics, agent_metrics
+from stepflow.prepare import WORK_ROOT, example_for, load_examples
+from stepflow.provenance import file_sha256
+from stepflow.rollout import rollout
+from stepflow.splits import load_manifest
+from stepflow.synthesize import EpisodeErrors
+from stepflow.trajectory import read_trajectories, write_trajectories
+
+AGENTS = ("base", "init_sft", "golden", "step", "step_nomask")
+EVALUATION_KEYS = (
+    "seed",
+    "env.name",
+    "env.simplification",
+    "env.step_limit",
+    "env.step_limits",
+    "agent",
+    "student",
+)
+
+
+def agent_adapter(params: Params, agent: str) -> Path | None:
+    """The adapter directory of an agent (None for `base`)."""
+    if agent not in AGENTS:
+        raise ValueError(f"unknown agent {agent!r}; choose from {', '.join(AGENTS)}")
+    if agent == "base":
+        return None
+    path = Path(params.paths.models) / agent
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: adapter of agent {agent!r} missing (train it first)")
+    return path
+
+
+def greedy(student: LLMConfig, agent: str) -> LLMConfig:
+    """The student config for evaluation: greedy decoding; an endpoint serves the agent's
+    adapter under the agent's name (vLLM `--lora-modules <agent>=models/<agent>`)."""
+    generation = student.generation.model_copy(update={"temperature": 0.0})
+    update: dict = {"generation": generation}
+    if student.backend == "openai" and agent != "base":
+        assert student.endpoint is not None
+        update["endpoint"] = student.endpoint.model_copy(update={"model": agent})
+    return student.model_copy(update=update)
+
+
+def evaluation_digest(params: Params, agent: str) -> str:
+    """Identity of an evaluation: the settings it reads and the agent's adapter content."""
+    digest = params.section_hash(*EVALUATION_KEYS)
+    adapter = agent_adapter(params, agent) if params.student.backend == "local" else None
+    if adapter is not None:
+        digest += "-" + file_sha256(adapter / "adapter_model.safetensors")[:12]
+    return digest
+
+
+def current_evaluation(params: Params, agent: str) -> str | None:
+    """The evaluation digest when every output of this agent's evaluation exists and was
+    produced by exactly these inputs; None otherwise."""
+    try:
+        digest = evaluation_digest(params, agent)
+    except FileNotFoundError:
+        return None
+    if not (Path(params.paths.metrics) / f"{agent}.json").is_file():
+        return None
+    for split in params.evaluation.splits:
+        trajectories, metrics = eval_paths(params, agent, split)
+        if not (trajectories.is_file() and metrics.is_file()):
+            return None
+        if any(t.provenance.params_hash != digest for t in read_trajectories(trajectories)):
+            return None
+    return digest
+
+
+def eval_paths(params: Params, agent: str, split: str) -> tuple[Path, Path]:
+    """(trajectories, full metrics) files of an agent's evaluation on a split."""
+    base = Path(params.paths.data) / "eval" / agent
+    return base / f"{split}.jsonl", base / f"{split}.metrics.json"
+
+
+def evaluate_agent(
+    params: Params,
+    agent: str,
+    split: str = "test",
+    *,
+    show_progress: bool = True,
+    work_root: Path = WORK_ROOT,
+) -> AgentMetrics:
+    """Evaluate one agent on one split; write its trajectories and metrics."""
+    data_dir = Path(params.paths.data)
+    manifest = load_manifest(data_dir / "manifest.json")
+    instances = sorted(manifest.select(split))
+    if not instances:
+        raise ValueError(f"split {split!r} of {data_dir / 'manifest.json'} has no instances")
+    adapter = agent_adapter(params, agent) if params.student.backend == "local" else None
+    student = greedy(params.student, agent)
+    digest = evaluation_digest(params, agent)
+    work_log = Path(work_root) / f"evaluate-{agent}-{split}-{digest}" / "episodes.jsonl"
+    examples = load_examples(data_dir)
+
+    async def run():
+        backend = make_backend(student, adapter=adapter)
+        try:
+            return await rollout(
+                instances,
+                backend,
+                work_log,
+                env_factory=functools.partial(make_env, params.env),
+                settings=RolloutSettings.from_params(
+                    params, source="evaluation", params_hash=digest
+                ),
+                concurrency=params.rollout.concurrency,
+                example_for=functools.partial(example_for, examples),
+                progress=show_progress,
+            )
+        finally:
+            await backend.aclose()
+
+    result = asyncio.run(run())
+    if result.errors:
+        listed = "; ".join(f"{k}: {v}" for k, v in sorted(result.errors.items()))
+        raise EpisodeErrors(
+            f"{agent}/{split}: {len(result.errors)} episode(s) failed "
+            f"({listed}); rerun to retry them"
+        )
+    wanted = {i.key for i in instances}
+    trajectories = sorted(
+        (t for t in read_trajectories(work_log) if t.key in wanted), key=lambda t: t.key
+    )
+    metrics = agent_metrics(
+        agent,
+        split,
+        trajectories,
+        samples=params.evaluation.bootstrap_samples,
+        confidence=params.evaluation.confidence,
+        seed=params.seed,
+    )
+    trajectories_path, metrics_path = eval_paths(params, agent, split)
+    write_trajectories(trajectories_path, trajectories)
+    atomic_write_json(metrics_path, metrics.model_dump(mode="json"))
+    return metrics
+
+
+def write_dvc_metrics(params: Params, agent: str, results: dict[str, AgentMetrics]) -> Path:
+    """`metrics/<agent>.json`: flat figures per split."""
+    path = Path(params.paths.metrics) / f"{agent}.json"
+    atomic_write_json(path, {split: m.flat() for split, m in results.items()})
+    return path
+
+
+def load_agent_metrics(params: Params, agent: str, split: str) -> AgentMetrics | None:
+    """The stored metrics of an agent on a split, if it was evaluated."""
+    _, path = eval_paths(params, agent, split)
+    if not path.is_file():
+        return None
+    return AgentMetrics.model_validate_json(path.read_text())

@@ -1,0 +1,225 @@
+"""The `report` stage: every agent side by side, as Markdown, CSV (DVC plots) and PNG."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stepflow.config import Params
+from stepflow.evaluation import load_agent_metrics
+from stepflow.jsonl import atomic_write_bytes, atomic_write_text
+from stepflow.metrics import AgentMetrics, Interval
+
+AGENT_LABELS = {
+    "base": "base model (untrained)",
+    "init_sft": "base agent (SFT on D1)",
+    "golden": "golden (SFT on D1 + golden D2)",
+    "step": "STeP (D1 + reflected, partial masking)",
+    "step_nomask": "STeP, no masking (ablation)",
+}
+
+
+@dataclass
+class Report:
+    """The files a report wrote and its Markdown text."""
+
+    markdown: str
+    files: list[Path] = field(default_factory=list)
+
+
+def _ci(interval: Interval) -> str:
+    return f"{interval.mean:.3f} [{interval.low:.2f}, {interval.high:.2f}]"
+
+
+def training_size(params: Params, agent: str) -> int | None:
+    """How many trajectories an agent's adapter was trained on (from its stepflow.json)."""
+    card = Path(params.paths.models) / agent / "stepflow.json"
+    if not card.is_file():
+        return None
+    data = json.loads(card.read_text())
+    return sum(int(entry["trajectories"]) for entry in data.get("data", []))
+
+
+def markdown_table(results: dict[str, AgentMetrics], split: str, params: Params) -> str:
+    """The comparison table of one split."""
+    conf = round(next(iter(results.values())).confidence * 100) if results else 95
+    lines = [
+        f"### {split} split",
+        "",
+        f"| agent | avg reward [{conf}% CI] | success rate [{conf}% CI] | episodes | "
+        "train trajectories | parse failures / step | invalid actions / step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for agent, metrics in results.items():
+        o = metrics.overall
+        size = training_size(params, agent)
+        lines.append(
+            f"| {AGENT_LABELS.get(agent, agent)} | {_ci(o.reward)} | {_ci(o.success)} | "
+            f"{o.episodes} | {'—' if size is None else size} | {o.parse_failure_rate:.3f} | "
+            f"{o.invalid_action_rate:.3f} |"
+        )
+    tasks = sorted({task for m in results.values() for task in m.per_task})
+    lines += [
+        "",
+        "Success rate per task type:",
+        "",
+        "| agent | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for agent, metrics in results.items():
+        cells = [
+            f"{metrics.per_task[t].success.mean:.2f} (n={metrics.per_task[t].episodes})"
+            if t in metrics.per_task
+            else "—"
+            for t in tasks
+        ]
+        lines.append(f"| {agent} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_task_rows(results: dict[str, AgentMetrics], split: str) -> list[dict]:
+    """Rows (split, agent, task, reward, success, episodes) incl. an 'overall' task."""
+    rows = []
+    for agent, metrics in results.items():
+        groups = {"overall": metrics.overall, **metrics.per_task}
+        for task, group in groups.items():
+            rows.append(
+                {
+                    "split": split,
+                    "agent": agent,
+                    "task": task,
+                    "reward": round(group.reward.mean, 4),
+                    "success": round(group.success.mean, 4),
+                    "episodes": group.episodes,
+                }
+            )
+    return rows
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plot_success_by_task(results: dict[str, AgentMetrics], split: str) -> bytes:
+    """Grouped bars: success rate per task type (and overall) for every agent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = [*sorted({t for m in results.values() for t in m.per_task}), "overall"]
+    agents = list(results)
+    width = 0.8 / max(len(agents), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+    x = np.arange(len(tasks))
+    for i, agent in enumerate(agents):
+        metrics = results[agent]
+        groups = [metrics.per_task.get(t) if t != "overall" else metrics.overall for t in tasks]
+        means = [g.success.mean if g else 0.0 for g in groups]
+        errors = np.array(
+            [
+                [g.success.mean - g.success.low, g.success.high - g.success.mean] if g else [0, 0]
+                for g in groups
+            ]
+        ).T
+        ax.bar(x + i * width - 0.4 + width / 2, means, width, yerr=errors, capsize=2, label=agent)
+    ax.set_xticks(x, tasks, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate")
+    ax.set_title(f"Success rate per task type ({split})")
+    ax.legend(fontsize=8)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_reward_vs_data(results: dict[str, AgentMetrics], params: Params, split: str) -> bytes:
+    """Average reward against the number of training trajectories of each agent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for agent, metrics in results.items():
+        size = training_size(params, agent)
+        size = 0 if agent == "base" else size
+        if size is None:
+            continue
+        o = metrics.overall.reward
+        ax.errorbar(
+            [size],
+            [o.mean],
+            yerr=[[o.mean - o.low], [o.high - o.mean]],
+            fmt="o",
+            capsize=3,
+            label=agent,
+        )
+        ax.annotate(agent, (size, o.mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("training trajectories")
+    ax.set_ylabel("average reward")
+    ax.set_title(f"Reward vs training data ({split})")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def build_report(params: Params) -> Report:
+    """Write `reports/results.md`, `reports/per_task.csv` and the PNG plots."""
+    out = Path(params.paths.reports)
+    sections = ["# stepflow results", ""]
+    rows: list[dict] = []
+    files: list[Path] = []
+    for split in params.evaluation.splits:
+        results = {
+            agent: metrics
+            for agent in params.evaluation.agents
+            if (metrics := load_agent_metrics(params, agent, split)) is not None
+        }
+        missing = [a for a in params.evaluation.agents if a not in results]
+        if missing:
+            raise FileNotFoundError(
+                f"no evaluation of {', '.join(missing)} on split {split!r} "
+                f"(run the evaluate stage first)"
+            )
+        sections += [markdown_table(results, split, params), ""]
+        rows += per_task_rows(results, split)
+        for name, data in (
+            (f"success_by_task_{split}.png", plot_success_by_task(results, split)),
+            (f"reward_vs_data_{split}.png", plot_reward_vs_data(results, params, split)),
+        ):
+            atomic_write_bytes(out / name, data)
+            files.append(out / name)
+    synthesis = Path(params.paths.data) / "synthesis_stats.json"
+    if synthesis.is_file():
+        stats = json.loads(synthesis.read_text())
+        sections += [
+            "### Synthesis (U2)",
+            "",
+            f"Teacher `{stats['teacher']}`: kept {stats['kept']}/{stats['episodes']} "
+            f"trajectories, {stats['corrections_mean']:.2f} corrections per episode, "
+            f"{stats['teacher_calls']} teacher calls, {stats['teacher_fallbacks']} fallbacks.",
+            "",
+        ]
+    sections.append(
+        f"Confidence intervals: percentile bootstrap over instances "
+        f"({params.evaluation.bootstrap_samples} resamples). Greedy decoding, per-task step "
+        f"limits, the same instances for every agent."
+    )
+    markdown = "\n".join(sections) + "\n"
+    atomic_write_text(out / "results.md", markdown)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(
+        buffer, fieldnames=["split", "agent", "task", "reward", "success", "episodes"]
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "per_task.csv", buffer.getvalue())
+    files = [out / "results.md", out / "per_task.csv", *files]
+    return Report(markdown=markdown, files=files)
