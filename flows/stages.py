@@ -1,0 +1,129 @@
+"""One Prefect flow per stage, and the whole pipeline.
+
+Every flow takes the params file and optional overrides (`{"training.epochs": 2}`), so a
+deployment run can change any key of params.yaml; each opens a nested MLflow run (under the
+pipeline's parent run) tagged with the Prefect flow-run id and leaves a link to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_link_artifact
+from prefect.runtime import flow_run
+
+from stepflow import tracking
+from stepflow.config import Params, load_params
+from stepflow.evaluation import AGENTS
+from tasks.stages import (
+    evaluate_task,
+    log_evaluation,
+    prepare_task,
+    report_task,
+    synthesize_task,
+    train_task,
+)
+
+Overrides = dict[str, Any] | None
+TRAIN_VARIANTS = ("golden", "step", "step_nomask")
+
+
+def load(params_path: str, overrides: Overrides) -> Params:
+    """The validated params of a flow run."""
+    return load_params(params_path, overrides)
+
+
+def _prefect_tags() -> dict[str, str]:
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return {}
+    return {"prefect.flow_run_id": str(run_id), "prefect.flow_run_name": str(flow_run.get_name())}
+
+
+@contextmanager
+def tracked(params: Params, stage: str) -> Iterator[Any]:
+    """An MLflow stage run, linked from the Prefect flow run."""
+    with tracking.stage_run(params, stage, tags=_prefect_tags()) as run:
+        ui = os.environ.get("STEPFLOW_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+        link = f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        if flow_run.get_id() is not None:
+            create_link_artifact(
+                key=f"mlflow-{stage.replace('_', '-')}",
+                link=link,
+                link_text=f"MLflow run of {stage}",
+            )
+        yield run
+
+
+@flow(name="prepare", log_prints=True)
+def prepare_flow(params_path: str = "params.yaml", overrides: Overrides = None) -> dict:
+    """Manifest and verified golden trajectories (D1, D2)."""
+    params = load(params_path, overrides)
+    with tracked(params, "prepare"):
+        return prepare_task(params)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(variant: str, params_path: str = "params.yaml", overrides: Overrides = None) -> dict:
+    """Fine-tune one variant: init_sft, golden, step or step_nomask."""
+    params = load(params_path, overrides)
+    with tracked(params, f"train_{variant}" if variant != "init_sft" else "init_sft"):
+        return train_task(params, variant)
+
+
+@flow(name="synthesize", log_prints=True)
+def synthesize_flow(params_path: str = "params.yaml", overrides: Overrides = None) -> dict:
+    """Self-reflected trajectories on U2 (student: the base agent; teacher from params)."""
+    params = load(params_path, overrides)
+    with tracked(params, "synthesize"):
+        return synthesize_task(params)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(
+    agents: list[str] | None = None, params_path: str = "params.yaml", overrides: Overrides = None
+) -> dict:
+    """Evaluate agents (default: evaluation.agents) on the configured splits."""
+    params = load(params_path, overrides)
+    results = {}
+    for agent in agents or params.evaluation.agents:
+        if agent not in AGENTS:
+            raise ValueError(f"unknown agent {agent!r}; choose from {', '.join(AGENTS)}")
+        with tracked(params, f"evaluate_{agent}"):
+            results[agent] = evaluate_task(params, agent)
+            log_evaluation(params, agent, results[agent])
+    return results
+
+
+@flow(name="report", log_prints=True)
+def report_flow(
+    params_path: str = "params.yaml", overrides: Overrides = None, end_pipeline: bool = True
+) -> str:
+    """The comparison report; closes the pipeline's parent MLflow run."""
+    params = load(params_path, overrides)
+    with tracked(params, "report"):
+        markdown = report_task(params)
+    if end_pipeline:
+        tracking.end_pipeline_run()
+    return markdown
+
+
+@flow(name="step_pipeline", log_prints=True)
+def step_pipeline(params_path: str = "params.yaml", overrides: Overrides = None) -> str:
+    """The whole method: prepare → init_sft → synthesize → train golden/step/step_nomask →
+    evaluate → report."""
+    try:
+        prepare_flow(params_path, overrides)
+        train_flow("init_sft", params_path, overrides)
+        synthesize_flow(params_path, overrides)
+        for variant in TRAIN_VARIANTS:
+            train_flow(variant, params_path, overrides)
+        evaluate_flow(None, params_path, overrides)
+        return report_flow(params_path, overrides)
+    except BaseException:
+        tracking.end_pipeline_run(status="FAILED")
+        raise

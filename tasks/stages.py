@@ -1,0 +1,172 @@
+"""Prefect tasks: thin wrappers over the stepflow stage functions.
+
+Each task retries only faults that are transient (a simulator that died, an endpoint that
+timed out, episodes that failed and can be rerun), records its figures in the active MLflow
+run and leaves a table artifact in Prefect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from stepflow import tracking
+from stepflow.config import Params
+from tasks.caching import EvaluationCache
+from tasks.retry import transient
+
+
+def _table(key: str, rows: dict[str, Any], description: str) -> None:
+    create_table_artifact(
+        key=key,
+        table=[{"figure": name, "value": value} for name, value in rows.items()],
+        description=description,
+    )
+
+
+@task(
+    name="prepare",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
+def prepare_task(params: Params) -> dict[str, Any]:
+    """Manifest + verified golden trajectories D1/D2."""
+    from stepflow.prepare import prepare
+
+    summary = prepare(params).as_dict()
+    data = Path(params.paths.data)
+    for name in ("golden_d1", "golden_d2"):
+        tracking.log_dataset(data / f"{name}.jsonl", name, context="golden")
+    tracking.log_metrics(
+        {
+            "golden_d1": summary["kept"].get("u1", 0),
+            "golden_d2": summary["kept"].get("u2", 0),
+            "golden_dropped": len(summary["dropped"]),
+            "prepare_episodes_per_s": summary["episodes_per_s"],
+        }
+    )
+    _table(
+        "prepare",
+        {
+            "instances": summary["instances"],
+            "kept": summary["kept"],
+            "dropped": len(summary["dropped"]),
+            "seconds": round(summary["seconds"], 1),
+        },
+        "Golden trajectories prepared",
+    )
+    return summary
+
+
+@task(
+    name="train",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
+def train_task(params: Params, variant: str) -> dict[str, Any]:
+    """Fine-tune one variant (init_sft, golden, step, step_nomask); log its adapter."""
+    import mlflow
+
+    from stepflow.training import train_variant, variant_files
+
+    for path in variant_files(params, variant):
+        tracking.log_dataset(path, path.stem, context="training")
+    result = train_variant(params, variant)
+    figures = {
+        "final_loss": result.final_loss if result.final_loss is not None else float("nan"),
+        "global_step": result.global_step,
+        "tokens_per_s": result.tokens_per_second,
+        "train_seconds": result.train_seconds,
+    }
+    tracking.log_metrics(figures)
+    mlflow.log_artifacts(str(result.output_dir), artifact_path=f"adapter/{variant}")
+    _table(
+        f"train-{variant.replace('_', '-')}",
+        {**figures, **result.stats.as_dict()},
+        f"Training of {variant}",
+    )
+    return {"variant": variant, **figures, "output_dir": str(result.output_dir)}
+
+
+@task(
+    name="synthesize",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
+def synthesize_task(params: Params) -> dict[str, Any]:
+    """Self-reflected trajectories on U2 with the configured teacher."""
+    from stepflow.synthesize import synthesize
+
+    summary = synthesize(params).as_dict()
+    tracking.log_dataset(Path(params.paths.data) / "reflected.jsonl", "reflected", "synthesis")
+    numeric = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+    tracking.log_metrics({f"synthesis_{k}": v for k, v in numeric.items()})
+    _table("synthesize", numeric, "Self-reflected trajectory synthesis")
+    return summary
+
+
+@task(
+    name="evaluate",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=transient,
+    cache_policy=EvaluationCache(),
+    persist_result=True,
+)
+def evaluate_task(params: Params, agent: str) -> dict[str, dict[str, float]]:
+    """Evaluate one agent on every configured split; write its metrics files.
+
+    Cached across runs while its outputs are current (same settings, adapter and code).
+    """
+    from stepflow.evaluation import evaluate_agent, write_dvc_metrics
+
+    results = {split: evaluate_agent(params, agent, split) for split in params.evaluation.splits}
+    write_dvc_metrics(params, agent, results)
+    return {split: metrics.flat() for split, metrics in results.items()}
+
+
+def log_evaluation(params: Params, agent: str, figures: dict[str, dict[str, float]]) -> None:
+    """Log an agent's evaluation (figures and files) to the active MLflow run."""
+    import mlflow
+
+    from stepflow.evaluation import eval_paths
+
+    for split, flat in figures.items():
+        tracking.log_metrics({f"{split}/{k}": v for k, v in flat.items()})
+        for path in eval_paths(params, agent, split):
+            mlflow.log_artifact(str(path), artifact_path=f"evaluation/{agent}")
+    overall = {
+        split: {k: flat[k] for k in ("reward", "success", "episodes")}
+        for split, flat in figures.items()
+    }
+    _table(
+        f"evaluate-{agent.replace('_', '-')}",
+        {f"{split} {k}": round(v, 4) for split, row in overall.items() for k, v in row.items()},
+        f"Evaluation of {agent}",
+    )
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(params: Params) -> str:
+    """The comparison table and plots; also shown in Prefect and MLflow."""
+    import mlflow
+
+    from stepflow.report import build_report
+
+    report = build_report(params)
+    for path in report.files:
+        mlflow.log_artifact(str(path), artifact_path="report")
+    create_markdown_artifact(
+        key="step-results", markdown=report.markdown, description="STeP vs baselines"
+    )
+    return report.markdown
