@@ -86,6 +86,7 @@ def stage_run(
 ) -> Iterator[Any]:
     """A nested MLflow run for one stage under the pipeline's parent run."""
     import mlflow
+    from mlflow import MlflowClient
 
     experiment_id = configure(params.tracking)
     common = {
@@ -94,12 +95,14 @@ def stage_run(
     }
     common.update(tags or {})
     parent_id = _open_parent(experiment_id, state_file, common)
-    with mlflow.start_run(run_id=parent_id):
-        mlflow.set_tags(common)
-        with mlflow.start_run(run_name=stage, nested=True) as run:
-            mlflow.set_tags({"stepflow.stage": stage, "stepflow.kind": "stage", **common})
-            mlflow.log_params(flatten(params.model_dump(mode="json")))
-            yield run
+    MlflowClient().set_tag(parent_id, "stepflow.last_stage", stage)
+    with mlflow.start_run(
+        run_name=stage,
+        parent_run_id=parent_id,
+        tags={"stepflow.stage": stage, "stepflow.kind": "stage", **common},
+    ) as run:
+        mlflow.log_params(flatten(params.model_dump(mode="json")))
+        yield run
 
 
 def end_pipeline_run(status: str = "FINISHED", state_file: Path = PIPELINE_STATE) -> str | None:

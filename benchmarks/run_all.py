@@ -1,0 +1,63 @@
+"""Run every benchmark and log its results to MLflow (experiment `stepflow-benchmarks`).
+
+    python -m benchmarks.run_all [--only prepare,rollout,training]
+
+Each benchmark runs in its own process and writes benchmarks/results/<name>.json; this
+script then records each file as an MLflow run: numeric figures as metrics, the file as an
+artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from stepflow.config import load_params
+from stepflow.tracking import configure, log_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ("prepare", "rollout", "training")
+
+
+def numeric(data: dict, prefix: str = "") -> dict[str, float]:
+    """Every number of a nested result, as `a/b/c: value`."""
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(numeric(value, f"{name}/"))
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int | float):
+            out[name] = float(value)
+    return out
+
+
+def main() -> None:
+    """Run the benchmarks, then log them."""
+    import mlflow
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(BENCHMARKS))
+    args = parser.parse_args()
+    chosen = [name for name in args.only.split(",") if name]
+    for name in chosen:
+        script = ROOT / "benchmarks" / f"bench_{name}.py"
+        subprocess.run([sys.executable, str(script)], cwd=ROOT, check=True)
+    tracking = load_params(ROOT / "params.yaml").tracking
+    configure(tracking.model_copy(update={"experiment": "stepflow-benchmarks"}))
+    for name in chosen:
+        path = ROOT / "benchmarks" / "results" / f"{name}.json"
+        result = json.loads(path.read_text())
+        with mlflow.start_run(run_name=f"bench_{name}"):
+            mlflow.set_tag("stepflow.kind", "benchmark")
+            log_metrics(numeric(result))
+            mlflow.log_artifact(str(path))
+        print(f"logged {path.name} to MLflow")
+
+
+if __name__ == "__main__":
+    main()
