@@ -359,7 +359,8 @@ def synthesize_command(
     import json
 
     from stepflow.jsonl import DataError
-    from stepflow.synthesize import EpisodeErrors, synthesize
+    from stepflow.rollout import EpisodeErrors
+    from stepflow.synthesize import synthesize
 
     loaded = load_or_exit(params, overrides)
     try:
@@ -387,7 +388,7 @@ def evaluate_command(
     greedy, the same instances for all; writes data/eval/ and metrics/<agent>.json."""
     from stepflow.evaluation import evaluate_agent, write_dvc_metrics
     from stepflow.jsonl import DataError
-    from stepflow.synthesize import EpisodeErrors
+    from stepflow.rollout import EpisodeErrors
 
     loaded = load_or_exit(params, overrides)
     for agent in agents or loaded.evaluation.agents:

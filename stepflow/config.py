@@ -249,6 +249,12 @@ class Params(Strict):
     tracking: TrackingConfig = TrackingConfig()
     paths: PathsConfig = PathsConfig()
 
+    @model_validator(mode="after")
+    def _teacher_llm_for_thoughts(self) -> Params:
+        if self.golden.thoughts == "teacher" and self.teacher.llm is None:
+            raise ValueError("golden.thoughts 'teacher' needs a teacher.llm section")
+        return self
+
     def section_hash(self, *keys: str) -> str:
         """A short, stable hash of the named keys (dotted paths; everything when none named)."""
         data = self.model_dump(mode="json")

@@ -9,21 +9,16 @@ written to `data/eval/<agent>/<split>.jsonl`; metrics go to
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from pathlib import Path
 
 from stepflow.config import LLMConfig, Params
-from stepflow.envs import make_env
-from stepflow.episode import RolloutSettings
 from stepflow.jsonl import atomic_write_json
-from stepflow.llm import make_backend
 from stepflow.metrics import AgentMetrics, agent_metrics
 from stepflow.prepare import WORK_ROOT, example_for, load_examples
 from stepflow.provenance import file_sha256
-from stepflow.rollout import rollout
+from stepflow.rollout import run_rollout
 from stepflow.splits import load_manifest
-from stepflow.synthesize import EpisodeErrors
 from stepflow.trajectory import read_trajectories, write_trajectories
 
 AGENTS = ("base", "init_sft", "golden", "step", "step_nomask")
@@ -112,33 +107,18 @@ def evaluate_agent(
     student = greedy(params.student, agent)
     digest = evaluation_digest(params, agent)
     work_log = Path(work_root) / f"evaluate-{agent}-{split}-{digest}" / "episodes.jsonl"
-    examples = load_examples(data_dir)
-
-    async def run():
-        backend = make_backend(student, adapter=adapter)
-        try:
-            return await rollout(
-                instances,
-                backend,
-                work_log,
-                env_factory=functools.partial(make_env, params.env),
-                settings=RolloutSettings.from_params(
-                    params, source="evaluation", params_hash=digest
-                ),
-                concurrency=params.rollout.concurrency,
-                example_for=functools.partial(example_for, examples),
-                progress=show_progress,
-            )
-        finally:
-            await backend.aclose()
-
-    result = asyncio.run(run())
-    if result.errors:
-        listed = "; ".join(f"{k}: {v}" for k, v in sorted(result.errors.items()))
-        raise EpisodeErrors(
-            f"{agent}/{split}: {len(result.errors)} episode(s) failed "
-            f"({listed}); rerun to retry them"
-        )
+    result = run_rollout(
+        params,
+        instances,
+        work_log,
+        adapter=adapter,
+        student=student,
+        example_for=functools.partial(example_for, load_examples(data_dir)),
+        source="evaluation",
+        params_hash=digest,
+        progress=show_progress,
+    )
+    result.raise_for_errors(f"evaluation of {agent} on {split}")
     wanted = {i.key for i in instances}
     trajectories = sorted(
         (t for t in read_trajectories(work_log) if t.key in wanted), key=lambda t: t.key

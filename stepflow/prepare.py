@@ -141,7 +141,27 @@ def prepare(
     show_progress: bool = True,
     work_root: Path = WORK_ROOT,
 ) -> PrepareSummary:
-    """Run the prepare stage; see the module docstring for its outputs."""
+    """Run the prepare stage; see the module docstring for its outputs.
+
+    With `golden.thoughts: teacher` the thoughts come from the teacher LLM (`teacher.llm`)
+    unless a `thought_writer` is given.
+    """
+    if params.golden.thoughts == "teacher" and thought_writer is None:
+        from stepflow.llm import make_backend
+        from stepflow.teacher.thoughts import LLMThoughtWriter
+
+        assert params.teacher.llm is not None  # guaranteed by Params validation
+        writer = LLMThoughtWriter(make_backend(params.teacher.llm), params.teacher.prompt_version)
+        try:
+            return prepare(
+                params,
+                workers=workers,
+                thought_writer=writer,
+                show_progress=show_progress,
+                work_root=work_root,
+            )
+        finally:
+            writer.close()
     started = time.perf_counter()
     workers = workers or params.env.workers
     data_dir = Path(params.paths.data)

@@ -9,9 +9,10 @@ instances already there, so an interrupted rollout resumes where it stopped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,11 +27,15 @@ from stepflow.review import Reviewer
 from stepflow.trajectory import Trajectory, TrajectoryLog
 
 if TYPE_CHECKING:
-    from stepflow.config import Params
+    from stepflow.config import LLMConfig, Params
 
 log = logging.getLogger(__name__)
 
 ExampleFor = Callable[[TaskInstance], str | None]
+
+
+class EpisodeErrors(RuntimeError):
+    """Some episodes could not be run; the finished ones are kept for a rerun."""
 
 
 @dataclass
@@ -58,6 +63,15 @@ class RolloutSummary:
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
         return asdict(self)
+
+    def raise_for_errors(self, what: str) -> None:
+        """Raise EpisodeErrors naming every episode that failed."""
+        if self.errors:
+            listed = "; ".join(f"{key}: {error}" for key, error in sorted(self.errors.items()))
+            raise EpisodeErrors(
+                f"{what}: {len(self.errors)} episode(s) failed ({listed}); "
+                "rerun to retry them, finished episodes are kept"
+            )
 
 
 def summarize(
@@ -195,27 +209,31 @@ def run_rollout(
     output: str | Path,
     *,
     adapter: str | Path | None = None,
+    student: LLMConfig | None = None,
     example_for: ExampleFor | None = None,
     reviewer: Reviewer | None = None,
     source: Source = "rollout",
+    params_hash: str | None = None,
     concurrency: int | None = None,
     max_episodes: int | None = None,
     progress: bool = True,
+    cleanup: Callable[[], Awaitable[None]] | None = None,
 ) -> RolloutSummary:
-    """Run the student of params.yaml (optionally with a LoRA adapter) on `instances`."""
+    """Run the student of params.yaml (or `student`, optionally with a LoRA adapter) on
+    `instances`; `cleanup` is awaited in the same event loop when the rollout ends."""
     from stepflow.envs import make_env
     from stepflow.llm import make_backend
 
-    settings = RolloutSettings.from_params(params, source=source)
+    settings = RolloutSettings.from_params(params, source=source, params_hash=params_hash)
 
     async def main() -> RolloutSummary:
-        backend = make_backend(params.student, adapter=adapter)
+        backend = make_backend(student or params.student, adapter=adapter)
         try:
             return await rollout(
                 instances,
                 backend,
                 output,
-                env_factory=lambda: make_env(params.env),
+                env_factory=functools.partial(make_env, params.env),
                 settings=settings,
                 concurrency=concurrency or params.rollout.concurrency,
                 example_for=example_for,
@@ -225,5 +243,7 @@ def run_rollout(
             )
         finally:
             await backend.aclose()
+            if cleanup is not None:
+                await cleanup()
 
     return asyncio.run(main())

@@ -11,7 +11,6 @@ work log as they finish, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,13 +18,10 @@ from pathlib import Path
 from statistics import mean
 
 from stepflow.config import Params
-from stepflow.envs import make_env
-from stepflow.episode import RolloutSettings
 from stepflow.jsonl import atomic_write_json
-from stepflow.llm import make_backend
 from stepflow.prepare import WORK_ROOT, example_for, load_examples, load_prepared
 from stepflow.provenance import file_sha256
-from stepflow.rollout import rollout
+from stepflow.rollout import run_rollout
 from stepflow.teacher import make_teacher
 from stepflow.teacher.reviewer import TeacherReviewer
 from stepflow.trajectory import Trajectory, read_trajectories, write_trajectories
@@ -41,10 +37,6 @@ SYNTHESIS_KEYS = (
     "teacher",
     "synthesis",
 )
-
-
-class EpisodeErrors(RuntimeError):
-    """Some episodes could not be run; finished ones are kept for a rerun."""
 
 
 @dataclass
@@ -117,37 +109,19 @@ def synthesize(
     work_log = Path(work_root) / f"synthesize-{digest}" / "episodes.jsonl"
 
     teacher = make_teacher(params.teacher)
-    reviewer = TeacherReviewer(teacher, references, params.synthesis.rewind)
-    settings = RolloutSettings.from_params(params, source="synthesis", params_hash=digest)
-    examples = load_examples(data_dir)
-
-    async def run():
-        backend = make_backend(params.student, adapter=adapter_path)
-        try:
-            return await rollout(
-                instances,
-                backend,
-                work_log,
-                env_factory=functools.partial(make_env, params.env),
-                settings=settings,
-                concurrency=params.rollout.concurrency,
-                example_for=functools.partial(example_for, examples),
-                reviewer=reviewer,
-                progress=show_progress,
-            )
-        finally:
-            await backend.aclose()
-            closer = getattr(teacher, "aclose", None)
-            if closer is not None:
-                await closer()
-
-    result = asyncio.run(run())
-    if result.errors:
-        listed = "; ".join(f"{k}: {v}" for k, v in sorted(result.errors.items()))
-        raise EpisodeErrors(
-            f"{len(result.errors)} episode(s) failed ({listed}); "
-            "rerun to retry them, finished episodes are kept"
-        )
+    result = run_rollout(
+        params,
+        instances,
+        work_log,
+        adapter=adapter_path,
+        example_for=functools.partial(example_for, load_examples(data_dir)),
+        reviewer=TeacherReviewer(teacher, references, params.synthesis.rewind),
+        source="synthesis",
+        params_hash=digest,
+        progress=show_progress,
+        cleanup=teacher.aclose,
+    )
+    result.raise_for_errors("synthesis")
     wanted = {i.key for i in instances}
     episodes = [t for t in read_trajectories(work_log) if t.key in wanted]
     keep = kept(episodes, params.synthesis.keep_threshold)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stepflow.envs.scienceworld import EnvCrashed
 from stepflow.llm.base import BackendError
-from stepflow.synthesize import EpisodeErrors
+from stepflow.rollout import EpisodeErrors
 
 TRANSIENT = (EnvCrashed, BackendError, EpisodeErrors, ConnectionError, TimeoutError)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stepflow.config import load_params
+from stepflow.config import ConfigError, load_params
 from stepflow.prepare import load_examples, load_prepared, prepare, prepare_hash
 from stepflow.trajectory import read_trajectories
 
@@ -126,3 +126,27 @@ def test_parallel_workers_give_the_same_data(tmp_path, params_file, monkeypatch)
         return records
 
     assert strip_times(one) == strip_times(two)
+
+
+@pytest.mark.slow
+def test_teacher_written_thoughts(tmp_path, params_file, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    overrides = [
+        "env.task_types=[find-non-living-thing]",
+        "splits.train_per_task=2",
+        "splits.test_per_task=1",
+        "agent.one_shot=false",
+        "golden.thoughts=teacher",
+        "teacher.llm={backend: local, model: embedded, generation: {max_new_tokens: 24}}",
+    ]
+    params = load_params(params_file, overrides)
+    prepare(params, show_progress=False)
+    _, d1, d2 = load_prepared(Path("data"))
+    for trajectory in d1 + d2:
+        steps = trajectory.assistant_turns()
+        assert steps and all(t.content.startswith("Thought: ") for t in steps)
+        thoughts = [t.content.split("\n")[0] for t in steps]
+        assert all(len(t) > len("Thought: ") for t in thoughts)
+    missing = [o for o in overrides if not o.startswith("teacher.llm")]
+    with pytest.raises(ConfigError, match=r"needs a teacher\.llm section"):
+        load_params(params_file, missing)

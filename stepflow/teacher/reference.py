@@ -165,6 +165,11 @@ class ReferenceTeacher:
             return template_text
         return text
 
+    async def aclose(self) -> None:
+        """Close the reflection backend, if any."""
+        if self.reflection_backend is not None:
+            await self.reflection_backend.aclose()
+
 
 def _first_paragraph(text: str) -> str:
     cleaned = parse_step(text).reflection if text.lstrip().startswith("Reflection:") else text
