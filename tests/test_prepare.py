@@ -31,7 +31,7 @@ def _overrides(train: int = 4) -> list[str]:
 
 def test_prepare_writes_verified_golden_sets(tmp_path, params_file, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    params = load_params(params_file, _overrides())
+    params = load_params(params_file, [*_overrides(), "agent.one_shot=true"])
     summary = prepare(params, show_progress=False)
     manifest, d1, d2 = load_prepared(Path("data"))
     assert summary.kept == {"u1": len(d1), "u2": len(d2)}
