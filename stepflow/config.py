@@ -219,6 +219,11 @@ class EvaluationConfig(Strict):
     )
     bootstrap_samples: PositiveInt = 1000
     confidence: Fraction = 0.95
+    llm: LLMConfig | None = Field(
+        default=None,
+        description="the model that runs the agents during evaluation (e.g. a vLLM endpoint); "
+        "default: `student`",
+    )
 
 
 class ServingConfig(Strict):
@@ -297,7 +302,8 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _served_adapters_fit(self) -> Params:
-        if self.student.backend == "openai" and self.serving.max_lora_rank < self.training.lora.r:
+        served = any(llm and llm.backend == "openai" for llm in (self.student, self.evaluation.llm))
+        if served and self.serving.max_lora_rank < self.training.lora.r:
             raise ValueError(
                 f"serving.max_lora_rank ({self.serving.max_lora_rank}) is below "
                 f"training.lora.r ({self.training.lora.r}): the server could not load the adapters"

@@ -31,6 +31,7 @@ EVALUATION_KEYS = (
     "env.step_limits",
     "agent",
     "student",
+    "evaluation.llm",
 )
 
 
@@ -52,11 +53,16 @@ def greedy(student: LLMConfig) -> LLMConfig:
     return student.model_copy(update={"generation": generation})
 
 
+def evaluation_llm(params: Params) -> LLMConfig:
+    """The model evaluation runs agents on: `evaluation.llm`, else `student`."""
+    return params.evaluation.llm or params.student
+
+
 def evaluated_adapter(params: Params, agent: str) -> Path | None:
     """The adapter directory evaluation reads (None for `base`, and for an endpoint that
     already serves the agent under its own name)."""
-    endpoint = params.student.endpoint
-    if params.student.backend == "openai" and endpoint and not endpoint.load_adapters:
+    llm = evaluation_llm(params)
+    if llm.backend == "openai" and llm.endpoint and not llm.endpoint.load_adapters:
         return None
     return agent_adapter(params, agent)
 
@@ -109,7 +115,9 @@ def evaluate_agent(
     if not instances:
         raise ValueError(f"split {split!r} of {data_dir / 'manifest.json'} has no instances")
     digest = evaluation_digest(params, agent)
-    student, adapter = with_adapter(greedy(params.student), agent, evaluated_adapter(params, agent))
+    student, adapter = with_adapter(
+        greedy(evaluation_llm(params)), agent, evaluated_adapter(params, agent)
+    )
     work_log = Path(work_root) / f"evaluate-{agent}-{split}-{digest}" / "episodes.jsonl"
     result = run_rollout(
         params,

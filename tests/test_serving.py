@@ -169,7 +169,10 @@ def test_teacher_and_base_agent_adapter_through_vllm(
 @pytest.mark.slow
 def test_trained_adapter_evaluated_through_vllm(vllm, base_agent_workspace, tmp_path, monkeypatch):
     monkeypatch.chdir(_workspace(base_agent_workspace, tmp_path / "ws"))
-    params = load_params("params.yaml", _endpoint_overrides(vllm["base_url"]))
+    endpoint = f"{{base_url: '{vllm['base_url']}', model: student}}"
+    llm = f"{{backend: openai, endpoint: {endpoint}}}"
+    params = load_params("params.yaml", [f"evaluation.llm={llm}"])
+    assert params.student.backend == "local"  # only evaluation goes through the server
     metrics = evaluate_agent(params, "init_sft", "test", show_progress=False)
     assert metrics.overall.episodes == 2
     episodes = read_trajectories(Path("data/eval/init_sft/test.jsonl"))
@@ -213,4 +216,4 @@ def test_a_server_that_cannot_start_is_reported_and_cleaned_up(tmp_path) -> None
     assert leftovers.stdout.strip() == "", leftovers.stdout
     missing = _stepflow("serve", "start", "-S", f"serving.model={tmp_path / 'nowhere'}")
     assert missing.returncode == 2 and "nowhere" in missing.stderr
-    assert "no such directory" in missing.stderr
+    assert "model path does not exist" in missing.stderr
