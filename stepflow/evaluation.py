@@ -14,25 +14,16 @@ from pathlib import Path
 
 from stepflow.config import LLMConfig, Params
 from stepflow.jsonl import atomic_write_json
-from stepflow.llm.served_adapters import with_adapter
+from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.metrics import AgentMetrics, agent_metrics
 from stepflow.prepare import WORK_ROOT, example_for, load_examples
-from stepflow.provenance import file_sha256
-from stepflow.rollout import run_rollout
+from stepflow.provenance import adapter_digest
+from stepflow.rollout import EPISODE_KEYS, run_rollout
 from stepflow.splits import load_manifest
 from stepflow.trajectory import read_trajectories, write_trajectories
 
 AGENTS = ("base", "init_sft", "golden", "step", "step_nomask")
-EVALUATION_KEYS = (
-    "seed",
-    "env.name",
-    "env.simplification",
-    "env.step_limit",
-    "env.step_limits",
-    "agent",
-    "student",
-    "evaluation.llm",
-)
+EVALUATION_KEYS = (*EPISODE_KEYS, "evaluation.llm")
 
 
 def agent_adapter(params: Params, agent: str) -> Path | None:
@@ -61,8 +52,7 @@ def evaluation_llm(params: Params) -> LLMConfig:
 def evaluated_adapter(params: Params, agent: str) -> Path | None:
     """The adapter directory evaluation reads (None for `base`, and for an endpoint that
     already serves the agent under its own name)."""
-    llm = evaluation_llm(params)
-    if llm.backend == "openai" and llm.endpoint and not llm.endpoint.load_adapters:
+    if adapters_preloaded(evaluation_llm(params)):
         return None
     return agent_adapter(params, agent)
 
@@ -72,7 +62,7 @@ def evaluation_digest(params: Params, agent: str) -> str:
     digest = params.section_hash(*EVALUATION_KEYS)
     adapter = evaluated_adapter(params, agent)
     if adapter is not None:
-        digest += "-" + file_sha256(adapter / "adapter_model.safetensors")[:12]
+        digest += "-" + adapter_digest(adapter)
     return digest
 
 

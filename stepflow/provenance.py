@@ -49,3 +49,8 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def adapter_digest(adapter: str | Path) -> str:
+    """First 12 hex digits of the SHA-256 of a LoRA adapter's weights."""
+    return file_sha256(Path(adapter) / "adapter_model.safetensors")[:12]

@@ -133,7 +133,7 @@ def ensure_vllm_env(config: ServingConfig, say: Callable[[str], None] = lambda _
 def _run(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+        tail = last_lines(proc.stdout + proc.stderr, 20)
         raise ServeError(f"could not {what} (exit {proc.returncode}):\n{tail}")
 
 
@@ -223,10 +223,15 @@ def _port_taken(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def last_lines(text: str, lines: int) -> str:
+    """The last `lines` lines of a text."""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
 def log_tail(path: str | Path, lines: int = 25) -> str:
     """The last lines of a log file ('' when missing)."""
     try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+        return last_lines(Path(path).read_text(errors="replace"), lines)
     except OSError:
         return ""
 

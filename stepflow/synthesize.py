@@ -19,25 +19,15 @@ from statistics import mean
 
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json
-from stepflow.llm.served_adapters import with_adapter
+from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.prepare import WORK_ROOT, example_for, load_examples, load_prepared
-from stepflow.provenance import file_sha256
-from stepflow.rollout import run_rollout
+from stepflow.provenance import adapter_digest
+from stepflow.rollout import EPISODE_KEYS, run_rollout
 from stepflow.teacher import make_teacher
 from stepflow.teacher.reviewer import TeacherReviewer
 from stepflow.trajectory import Trajectory, read_trajectories, write_trajectories
 
-SYNTHESIS_KEYS = (
-    "seed",
-    "env.name",
-    "env.simplification",
-    "env.step_limit",
-    "env.step_limits",
-    "agent",
-    "student",
-    "teacher",
-    "synthesis",
-)
+SYNTHESIS_KEYS = (*EPISODE_KEYS, "teacher", "synthesis")
 
 
 @dataclass
@@ -77,8 +67,7 @@ class SynthesisSummary:
 def base_agent_adapter(params: Params) -> Path | None:
     """The init_sft adapter the student runs with (None for an endpoint that already serves
     it under the name `init_sft`)."""
-    endpoint = params.student.endpoint
-    if params.student.backend == "openai" and endpoint and not endpoint.load_adapters:
+    if adapters_preloaded(params.student):
         return None
     path = Path(params.paths.models) / "init_sft"
     if not (path / "adapter_config.json").is_file():
@@ -108,7 +97,7 @@ def synthesize(
     adapter_path = base_agent_adapter(params) if adapter == "init_sft" else adapter
     digest = params.section_hash(*SYNTHESIS_KEYS)
     if adapter_path is not None:
-        digest += "-" + file_sha256(Path(adapter_path) / "adapter_model.safetensors")[:12]
+        digest += "-" + adapter_digest(adapter_path)
     work_log = Path(work_root) / f"synthesize-{digest}" / "episodes.jsonl"
 
     agent = "init_sft" if adapter == "init_sft" else Path(adapter).name if adapter else "base"

@@ -21,14 +21,9 @@ from stepflow.serving import engine_requirement, group_members, server_command, 
 from stepflow.splits import load_manifest
 from stepflow.synthesize import synthesize
 from stepflow.trajectory import read_trajectories
+from tests.test_llm_endpoint import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -98,7 +93,7 @@ def test_preloaded_adapters_are_requested_by_agent_name() -> None:
 def vllm(tmp_path_factory):
     """A vLLM CPU server with the embedded model, started with `stepflow serve start`."""
     state_dir = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     overrides = ["-S", f"serving.port={port}", "-S", f"serving.state_dir={state_dir}"]
     started = _stepflow("serve", "start", *overrides)
     assert started.returncode == 0, started.stderr[-3000:]
@@ -202,7 +197,7 @@ def test_a_server_that_cannot_start_is_reported_and_cleaned_up(tmp_path) -> None
     not_a_model.mkdir()
     overrides = [
         "-S",
-        f"serving.port={_free_port()}",
+        f"serving.port={free_port()}",
         "-S",
         f"serving.state_dir={tmp_path / 'serve'}",
         "-S",

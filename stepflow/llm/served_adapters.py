@@ -12,14 +12,18 @@ from pathlib import Path
 from stepflow.config import EndpointConfig, LLMConfig
 from stepflow.llm.base import BackendError
 from stepflow.llm.endpoint import api_key_from_env
-from stepflow.provenance import file_sha256
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from stepflow.provenance import adapter_digest
 
 
 def served_name(agent: str, adapter: Path) -> str:
     """The model name an adapter is served under."""
-    return f"{agent}-{file_sha256(Path(adapter) / ADAPTER_WEIGHTS)[:12]}"
+    return f"{agent}-{adapter_digest(adapter)}"
+
+
+def adapters_preloaded(llm: LLMConfig) -> bool:
+    """Whether `llm` is an endpoint that already serves each adapter under the agent's name
+    (`endpoint.load_adapters: false`), so no local adapter directory is read."""
+    return llm.backend == "openai" and llm.endpoint is not None and not llm.endpoint.load_adapters
 
 
 def load_adapter(
@@ -70,12 +74,12 @@ def with_adapter(
         return student, adapter
     endpoint = student.endpoint
     assert endpoint is not None
-    if endpoint.load_adapters:
+    if adapters_preloaded(student):
+        name = agent
+    else:
         if adapter is None:
             raise FileNotFoundError(f"adapter of agent {agent!r} missing (train it first)")
         name = served_name(agent, adapter)
         load_adapter(endpoint, name, adapter)
-    else:
-        name = agent
     served = endpoint.model_copy(update={"model": name})
     return student.model_copy(update={"endpoint": served}), None
