@@ -108,7 +108,7 @@ def report_flow(
     with tracked(params, "report"):
         markdown = report_task(params)
     if end_pipeline:
-        tracking.end_pipeline_run()
+        tracking.end_pipeline_run(params)
     return markdown
 
 
@@ -125,5 +125,5 @@ def step_pipeline(params_path: str = "params.yaml", overrides: Overrides = None)
         evaluate_flow(None, params_path, overrides)
         return report_flow(params_path, overrides)
     except BaseException:
-        tracking.end_pipeline_run(status="FAILED")
+        tracking.end_pipeline_run(load(params_path, overrides), status="FAILED")
         raise

@@ -561,7 +561,13 @@ def serve_status(params: ParamsOption = DEFAULT_PARAMS, overrides: OverrideOptio
 
 def main() -> None:
     """Entry point."""
-    app()
+    from stepflow.locking import OutputsBusy
+
+    try:
+        app()
+    except OutputsBusy as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -151,9 +151,20 @@ class TeacherConfig(Strict):
 
 
 class RolloutConfig(Strict):
-    """How episodes are run: how many at once."""
+    """How episodes are run: how many at once, and what a stage tolerates of failures."""
 
     concurrency: PositiveInt = 4
+    episode_attempts: PositiveInt = Field(
+        default=2,
+        description="times an episode is started on a fresh environment when its simulator "
+        "died for good (beyond the environment's own restarts)",
+    )
+    max_failed_fraction: UnitInterval = Field(
+        default=0.5,
+        description="episodes recorded as failed (an LLM endpoint down after its retries) "
+        "that a stage accepts, as a fraction of its episodes; above it the stage fails "
+        "after finishing the others",
+    )
 
 
 class SynthesisConfig(Strict):

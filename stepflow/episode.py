@@ -26,7 +26,7 @@ from stepflow.agent.prompts import (
 )
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import StepResult, TaskInstance
-from stepflow.llm.base import ChatBackend
+from stepflow.llm.base import BackendError, ChatBackend
 from stepflow.review import Reviewer, StepContext, StepReview
 from stepflow.trajectory import EpisodeStats, Provenance, Trajectory, Turn
 
@@ -164,6 +164,7 @@ async def run_episode(
 ) -> Trajectory:
     """Run the policy of `backend` on one task instance; return its trajectory."""
     started = time.perf_counter()
+    restarts_before = env.env.restarts
     instruction, first_observation = await env.reset(instance)
     turns = opening_turns(
         instance.env, instruction, first_observation, example, settings.max_observation_chars
@@ -171,6 +172,7 @@ async def run_episode(
     episode = _Episode(instance, instruction, turns)
     limit = settings.limit_for(instance)
     session = instance.key
+    failure = None
     try:
         while episode.steps < limit and not episode.done:
             completion = await backend.complete(
@@ -230,8 +232,14 @@ async def run_episode(
             review = await reviewer.review(context)
             if review is not None:
                 await _apply_review(episode, env, review, previous, settings)
+    except BackendError as exc:
+        # an LLM (student or teacher) that stays unavailable after its retries: the episode
+        # is recorded as failed with its cause, up to the last complete step
+        failure = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: episode failed at step %d: %s", instance.key, episode.steps, failure)
     finally:
         backend.end_session(session)
+    episode.stats.env_restarts = env.env.restarts - restarts_before
     episode.stats.wall_s = round(time.perf_counter() - started, 3)
     last = episode.last
     return Trajectory(
@@ -246,6 +254,7 @@ async def run_episode(
         success=last.success if last is not None else False,
         num_steps=episode.steps,
         done=episode.done,
+        failure=failure,
         stats=episode.stats,
         provenance=Provenance(
             source=settings.source,

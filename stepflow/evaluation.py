@@ -15,6 +15,7 @@ from pathlib import Path
 from stepflow.config import LLMConfig, Params
 from stepflow.jsonl import atomic_write_json
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
+from stepflow.locking import holds_outputs
 from stepflow.metrics import AgentMetrics, agent_metrics
 from stepflow.prepare import WORK_ROOT, example_for, load_examples
 from stepflow.provenance import adapter_digest
@@ -90,6 +91,7 @@ def eval_paths(params: Params, agent: str, split: str) -> tuple[Path, Path]:
     return base / f"{split}.jsonl", base / f"{split}.metrics.json"
 
 
+@holds_outputs("evaluate")
 def evaluate_agent(
     params: Params,
     agent: str,
@@ -120,7 +122,9 @@ def evaluate_agent(
         params_hash=digest,
         progress=show_progress,
     )
-    result.raise_for_errors(f"evaluation of {agent} on {split}")
+    what = f"evaluation of {agent} on {split}"
+    result.raise_for_errors(what)
+    result.raise_for_failures(what, params.rollout.max_failed_fraction)
     wanted = {i.key for i in instances}
     trajectories = sorted(
         (t for t in read_trajectories(work_log) if t.key in wanted), key=lambda t: t.key

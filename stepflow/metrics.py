@@ -60,6 +60,7 @@ def _flat(group: GroupMetrics, suffix: str) -> dict[str, float]:
         f"episodes{suffix}": float(group.episodes),
         f"parse_failure_rate{suffix}": group.parse_failure_rate,
         f"invalid_action_rate{suffix}": group.invalid_action_rate,
+        f"failed_episodes{suffix}": float(group.failed_episodes),
     }
 
 

@@ -24,6 +24,7 @@ from stepflow.envs import make_env
 from stepflow.envs.base import TaskInstance
 from stepflow.golden import GoldReplay, ThoughtWriter, golden_thoughts, render_golden, replay_gold
 from stepflow.jsonl import atomic_write_json, read_records
+from stepflow.locking import holds_outputs
 from stepflow.progress import progress_bar
 from stepflow.splits import Manifest, build_manifest, load_manifest, write_manifest
 from stepflow.trajectory import Provenance, Trajectory, TrajectoryLog, write_trajectories
@@ -133,6 +134,7 @@ def load_examples(data_dir: Path) -> dict[str, list[dict[str, str]]]:
 
 
 # -- the stage ---------------------------------------------------------------------------
+@holds_outputs("prepare")
 def prepare(
     params: Params,
     *,

@@ -11,6 +11,7 @@ from pathlib import Path
 from stepflow.config import Params
 from stepflow.evaluation import load_agent_metrics
 from stepflow.jsonl import atomic_write_bytes, atomic_write_text
+from stepflow.locking import holds_outputs
 from stepflow.metrics import AgentMetrics, Interval
 
 AGENT_LABELS = {
@@ -56,9 +57,10 @@ def markdown_table(results: dict[str, AgentMetrics], split: str, params: Params)
     for agent, metrics in results.items():
         o = metrics.overall
         size = training_size(params, agent)
+        episodes = f"{o.episodes} ({o.failed_episodes} failed)" if o.failed_episodes else o.episodes
         lines.append(
             f"| {AGENT_LABELS.get(agent, agent)} | {_ci(o.reward)} | {_ci(o.success)} | "
-            f"{o.episodes} | {'—' if size is None else size} | {o.parse_failure_rate:.3f} | "
+            f"{episodes} | {'—' if size is None else size} | {o.parse_failure_rate:.3f} | "
             f"{o.invalid_action_rate:.3f} |"
         )
     tasks = sorted({task for m in results.values() for task in m.per_task})
@@ -170,6 +172,7 @@ def plot_reward_vs_data(results: dict[str, AgentMetrics], params: Params, split:
     return data
 
 
+@holds_outputs("report")
 def build_report(params: Params) -> Report:
     """Write `reports/results.md`, `reports/per_task.csv` and the PNG plots."""
     out = Path(params.paths.reports)
@@ -204,7 +207,12 @@ def build_report(params: Params) -> Report:
             "",
             f"Teacher `{stats['teacher']}`: kept {stats['kept']}/{stats['episodes']} "
             f"trajectories, {stats['corrections_mean']:.2f} corrections per episode, "
-            f"{stats['teacher_calls']} teacher calls, {stats['teacher_fallbacks']} fallbacks.",
+            f"{stats['teacher_calls']} teacher calls, {stats['teacher_fallbacks']} fallbacks"
+            + (
+                f", {stats['failed']} episodes failed (LLM unavailable)."
+                if stats.get("failed")
+                else "."
+            ),
             "",
         ]
     sections.append(

@@ -4,6 +4,11 @@
 episode at a time; their LLM calls overlap, so a batching backend decodes them together.
 A finished episode is appended (and fsynced) at once; a rerun on the same file skips the
 instances already there, so an interrupted rollout resumes where it stopped.
+
+Faults: a simulator that dies for good (beyond its own restarts) gets the episode started
+over on a fresh environment (`episode_attempts`); an LLM endpoint that stays down after its
+retries ends the episode, which is recorded as failed with the cause (`Trajectory.failure`)
+while the run goes on. A rerun retries the failed episodes.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stepflow.envs.aio import AsyncEnv
-from stepflow.envs.base import TaskInstance, TextEnv
+from stepflow.envs.base import EnvCrashed, TaskInstance, TextEnv
 from stepflow.episode import RolloutSettings, Source, run_episode
 from stepflow.llm.base import ChatBackend
 from stepflow.progress import progress_bar
@@ -58,6 +63,9 @@ class RolloutSummary:
     skipped: int = 0
     remaining: int = 0
     errors: dict[str, str] = field(default_factory=dict)
+    failed: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    env_restarts: int = 0
     mean_reward: float = 0.0
     success_rate: float = 0.0
     steps: int = 0
@@ -84,6 +92,15 @@ class RolloutSummary:
                 "rerun to retry them, finished episodes are kept"
             )
 
+    def raise_for_failures(self, what: str, max_fraction: float) -> None:
+        """Raise EpisodeErrors when more than `max_fraction` of the episodes failed."""
+        if self.episodes and self.failed / self.episodes > max_fraction:
+            listed = "; ".join(f"{key}: {cause}" for key, cause in sorted(self.failures.items()))
+            raise EpisodeErrors(
+                f"{what}: {self.failed} of {self.episodes} episodes failed, more than "
+                f"rollout.max_failed_fraction={max_fraction} ({listed}); rerun to retry them"
+            )
+
 
 def summarize(
     trajectories: Sequence[Trajectory], new: Sequence[Trajectory], wall_s: float
@@ -103,10 +120,20 @@ def summarize(
         teacher_calls=sum(t.stats.teacher_calls for t in trajectories),
         prompt_tokens=sum(t.stats.prompt_tokens for t in trajectories),
         completion_tokens=sum(t.stats.completion_tokens for t in trajectories),
+        failed=sum(1 for t in trajectories if t.failure),
+        failures={t.key: t.failure for t in trajectories if t.failure},
         new_steps=new_steps,
         wall_s=round(wall_s, 3),
         steps_per_s=round(new_steps / wall_s, 3) if wall_s > 0 else 0.0,
     )
+
+
+async def _discard(env: AsyncEnv) -> None:
+    """Close an environment that failed; a close that fails too is only logged."""
+    try:
+        await env.close()
+    except Exception:
+        log.debug("closing a failed environment failed", exc_info=True)
 
 
 class _Throughput:
@@ -138,23 +165,30 @@ async def rollout(
     reviewer: Reviewer | None = None,
     max_episodes: int | None = None,
     progress: bool = True,
+    episode_attempts: int = 2,
 ) -> RolloutSummary:
     """Run `backend`'s policy on every instance not yet in `output`; return the totals.
 
     `max_episodes` stops after that many new episodes (the rest stays for a rerun). An
-    episode that raises (simulator crash beyond its restarts, endpoint down, reviewer
-    error) is reported in `errors` and not written, so a rerun tries it again.
+    episode whose environment crashed for good is started over on a fresh environment, up
+    to `episode_attempts` times in all. An episode whose LLM failed is written with its
+    `failure` (and retried by the next run). Any other exception (a crash on every
+    attempt, a reviewer error) is reported in `errors` and not written, so a rerun tries
+    it again.
     """
     started = time.perf_counter()
     wanted = list(dict.fromkeys(instances))
     keys = {instance.key for instance in wanted}
     errors: dict[str, str] = {}
     new: list[Trajectory] = []
-    with TrajectoryLog(output) as trajectories:
+    restarts = 0
+    with TrajectoryLog(output, retry_failed=True) as trajectories:
         pending = [i for i in wanted if i.key not in trajectories.done]
         skipped = len(wanted) - len(pending)
         if skipped:
             log.info("%s: %d of %d instances already done", output, skipped, len(wanted))
+        if trajectories.retried:
+            log.info("%s: retrying %d failed episode(s)", output, len(trajectories.retried))
         queue: asyncio.Queue[TaskInstance] = asyncio.Queue()
         for instance in pending:
             queue.put_nowait(instance)
@@ -162,33 +196,52 @@ async def rollout(
         stop = asyncio.Event()
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stepflow-env")
 
+        async def episode(instance: TaskInstance, env: AsyncEnv | None):
+            """Run one episode; returns (trajectory or None when it failed, the env to reuse)."""
+            nonlocal restarts
+            loop = asyncio.get_running_loop()
+            for attempt in range(1, episode_attempts + 1):
+                try:
+                    if env is None:
+                        env = AsyncEnv(await loop.run_in_executor(executor, env_factory), executor)
+                    trajectory = await run_episode(
+                        env,
+                        instance,
+                        backend,
+                        settings,
+                        example=example_for(instance) if example_for else None,
+                        reviewer=reviewer,
+                    )
+                    return trajectory, env
+                except Exception as exc:
+                    if env is not None:
+                        await _discard(env)
+                        env = None
+                    if isinstance(exc, EnvCrashed) and attempt < episode_attempts:
+                        restarts += 1
+                        log.warning(
+                            "%s: environment crashed (%s); starting the episode over on a "
+                            "fresh environment (attempt %d of %d)",
+                            instance.key,
+                            exc,
+                            attempt + 1,
+                            episode_attempts,
+                        )
+                        continue
+                    log.exception("%s: episode failed", instance.key)
+                    errors[instance.key] = f"{type(exc).__name__}: {exc}"
+            return None, env
+
         async def worker() -> None:
             env: AsyncEnv | None = None
-            loop = asyncio.get_running_loop()
             try:
                 while not stop.is_set():
                     try:
                         instance = queue.get_nowait()
                     except asyncio.QueueEmpty:
                         return
-                    try:
-                        if env is None:
-                            started_env = await loop.run_in_executor(executor, env_factory)
-                            env = AsyncEnv(started_env, executor)
-                        trajectory = await run_episode(
-                            env,
-                            instance,
-                            backend,
-                            settings,
-                            example=example_for(instance) if example_for else None,
-                            reviewer=reviewer,
-                        )
-                    except Exception as exc:
-                        log.exception("%s: episode failed", instance.key)
-                        errors[instance.key] = f"{type(exc).__name__}: {exc}"
-                        if env is not None:
-                            await env.close()
-                            env = None
+                    trajectory, env = await episode(instance, env)
+                    if trajectory is None:
                         continue
                     trajectories.append(trajectory)
                     new.append(trajectory)
@@ -210,6 +263,7 @@ async def rollout(
     summary = summarize(finished, new, time.perf_counter() - started)
     summary.skipped = skipped
     summary.errors = errors
+    summary.env_restarts = restarts + sum(t.stats.env_restarts for t in new)
     summary.remaining = len(keys) - len(finished)
     return summary
 
@@ -251,6 +305,7 @@ def run_rollout(
                 reviewer=reviewer,
                 max_episodes=max_episodes,
                 progress=progress,
+                episode_attempts=params.rollout.episode_attempts,
             )
         finally:
             await backend.aclose()

@@ -20,6 +20,7 @@ from statistics import mean
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
+from stepflow.locking import holds_outputs
 from stepflow.prepare import WORK_ROOT, example_for, load_examples, load_prepared
 from stepflow.provenance import adapter_digest
 from stepflow.rollout import EPISODE_KEYS, run_rollout
@@ -52,6 +53,9 @@ class SynthesisSummary:
     mean_reward: float
     resumed: int
     seconds: float
+    failed: int = 0
+    env_restarts: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -80,6 +84,7 @@ def kept(trajectories: list[Trajectory], threshold: float) -> list[Trajectory]:
     return [t for t in trajectories if t.reward >= threshold and t.failure is None]
 
 
+@holds_outputs("synthesize")
 def synthesize(
     params: Params,
     *,
@@ -117,6 +122,7 @@ def synthesize(
         cleanup=teacher.aclose,
     )
     result.raise_for_errors("synthesis")
+    result.raise_for_failures("synthesis", params.rollout.max_failed_fraction)
     wanted = {i.key for i in instances}
     episodes = [t for t in read_trajectories(work_log) if t.key in wanted]
     keep = kept(episodes, params.synthesis.keep_threshold)
@@ -142,6 +148,9 @@ def synthesize(
         mean_reward=mean(t.reward for t in episodes) if episodes else 0.0,
         resumed=result.skipped,
         seconds=time.perf_counter() - started,
+        failed=result.failed,
+        env_restarts=result.env_restarts,
+        failures=result.failures,
         reasons=dict(stats.reasons),
     )
     atomic_write_json(data_dir / "synthesis_stats.json", summary.as_dict())

@@ -1,7 +1,8 @@
 """MLflow tracking: one parent run per pipeline run, one nested run per stage.
 
 Stages of a pipeline may run in separate processes (DVC runs each stage's flow in its own
-process), so the open parent run is remembered in `.stepflow/pipeline_run.json`: a stage
+process), so the open parent run is remembered in `.stepflow/pipeline_run-<paths hash>.json`
+(one per set of output paths, so that runs writing elsewhere keep their own parent): a stage
 nests under it while it is running, and the `report` stage (or `end_pipeline_run`) closes it.
 A stage started alone opens a new parent.
 """
@@ -23,8 +24,12 @@ from stepflow.provenance import code_version, file_sha256
 
 log = logging.getLogger(__name__)
 
-PIPELINE_STATE = Path(".stepflow") / "pipeline_run.json"
 PIPELINE_RUN_NAME = "step_pipeline"
+
+
+def pipeline_state(params: Params) -> Path:
+    """Where the open parent run of the pipeline writing to `params.paths` is remembered."""
+    return Path(".stepflow") / f"pipeline_run-{params.section_hash('paths')}.json"
 
 
 def configure(tracking: TrackingConfig) -> str:
@@ -82,7 +87,7 @@ def stage_run(
     stage: str,
     *,
     tags: Mapping[str, str] | None = None,
-    state_file: Path = PIPELINE_STATE,
+    state_file: Path | None = None,
 ) -> Iterator[Any]:
     """A nested MLflow run for one stage under the pipeline's parent run."""
     import mlflow
@@ -94,7 +99,7 @@ def stage_run(
         "stepflow.params_hash": params.section_hash(),
     }
     common.update(tags or {})
-    parent_id = _open_parent(experiment_id, state_file, common)
+    parent_id = _open_parent(experiment_id, state_file or pipeline_state(params), common)
     MlflowClient().set_tag(parent_id, "stepflow.last_stage", stage)
     with mlflow.start_run(
         run_name=stage,
@@ -105,10 +110,13 @@ def stage_run(
         yield run
 
 
-def end_pipeline_run(status: str = "FINISHED", state_file: Path = PIPELINE_STATE) -> str | None:
-    """Close the open parent run, if any; return its id."""
+def end_pipeline_run(
+    params: Params, status: str = "FINISHED", state_file: Path | None = None
+) -> str | None:
+    """Close the open parent run of `params`' pipeline, if any; return its id."""
     from mlflow import MlflowClient
 
+    state_file = state_file or pipeline_state(params)
     if not state_file.is_file():
         return None
     run_id = json.loads(state_file.read_text())["run_id"]

@@ -53,6 +53,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json, atomic_write_text
+from stepflow.locking import holds_outputs
 from stepflow.masking import IGNORE_INDEX, MaskStats, build_examples
 from stepflow.modeling import device, load_model, load_tokenizer, torch_dtype
 from stepflow.provenance import code_version, file_sha256, utc_now
@@ -368,6 +369,7 @@ def _final_loss(history: list[dict[str, Any]]) -> float | None:
     return float(losses[-1]) if losses else None
 
 
+@holds_outputs("train")
 def train_variant(
     params: Params,
     variant: str,
@@ -447,6 +449,8 @@ def train_variant(
         "token_stats": stats.as_dict(),
         "global_step": trainer.state.global_step,
         "final_loss": final_loss,
+        "resumed_from": start.name if start else None,
+        "losses": [[e["step"], e["loss"]] for e in history if "loss" in e],
         "run_key": work_dir.name,
         "code_version": code_version(),
         "created_at": utc_now().isoformat(),

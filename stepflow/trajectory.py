@@ -66,6 +66,7 @@ class EpisodeStats(_Record):
     teacher_fallbacks: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    env_restarts: int = 0
     wall_s: float = 0.0
 
 
@@ -150,12 +151,24 @@ def write_trajectories(path: str | Path, trajectories: Iterable[Trajectory]) -> 
 
 class TrajectoryLog:
     """An append-resumable trajectory file: finished episodes are appended as they end,
-    and a rerun learns which instances are already done."""
+    and a rerun learns which instances are already done.
 
-    def __init__(self, path: str | Path) -> None:
+    With `retry_failed`, episodes recorded as failed (`failure` set) are taken out of the
+    file when it is opened (an atomic rewrite), so that the run tries them again; the file
+    never holds two records of one instance.
+    """
+
+    def __init__(self, path: str | Path, *, retry_failed: bool = False) -> None:
         self.path = Path(path)
         self._appender = JsonlAppender(self.path)
-        self.done: dict[str, Trajectory] = {t.key: t for t in read_trajectories(self.path)}
+        records = list(read_trajectories(self.path))
+        self.retried = [t for t in records if t.failure] if retry_failed else []
+        if self.retried:
+            self._appender.close()
+            write_trajectories(self.path, (t for t in records if not t.failure))
+            self._appender = JsonlAppender(self.path)
+        kept = (t for t in records if not (retry_failed and t.failure))
+        self.done: dict[str, Trajectory] = {t.key: t for t in kept}
 
     def append(self, trajectory: Trajectory) -> None:
         """Record a finished episode."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stepflow.envs.scienceworld import EnvCrashed
+from stepflow.envs.base import EnvCrashed
 from stepflow.llm.base import BackendError
 from stepflow.rollout import EpisodeErrors
 

@@ -122,7 +122,7 @@ def test_compare_two_runs(tmp_path, params_file, monkeypatch) -> None:
         with tracking.stage_run(params, "evaluate_step") as run:
             tracking.log_metrics({"test/reward": value, "test/success": value / 2})
             ids.append(run.info.run_id)
-    tracking.end_pipeline_run()
+    tracking.end_pipeline_run(params)
     result = CliRunner().invoke(app, ["compare", *ids, "--params", str(params_file)])
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if "test/reward" in line)

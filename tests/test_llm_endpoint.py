@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from stepflow.config import EndpointConfig, GenerationConfig, LLMConfig
@@ -24,10 +18,8 @@ from stepflow.llm.endpoint import (
     backoff_delay,
 )
 from stepflow.llm.local import LocalBackend
+from tests.servers import KEY, KEY_ENV, free_port, inject, openai_server
 
-SERVER = Path(__file__).parent / "servers" / "openai_compat.py"
-KEY_ENV = "STEPFLOW_TEST_ENDPOINT_KEY"
-KEY = "test-key-not-a-secret-3f9a"
 MAX_NEW = 24
 QUESTION = [
     {"role": "system", "content": "You are a concise assistant."},
@@ -36,44 +28,11 @@ QUESTION = [
 OTHER = [{"role": "user", "content": "Name a metal. Answer in one word."}]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(embedded_dir):
     """Base URL of a live OpenAI-compatible server over the embedded model."""
-    port = free_port()
-    env = {**os.environ, KEY_ENV: KEY}
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER), "--port", str(port), "--api-key-env", KEY_ENV],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    root = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{root}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not start")
-        time.sleep(0.5)
-    yield root
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with openai_server() as root:
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +45,6 @@ def local(embedded_dir):
 @pytest.fixture
 def key_env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
-
-
-def inject(root: str, **fault) -> None:
-    httpx.post(f"{root}/admin/faults", json=fault, timeout=5).raise_for_status()
 
 
 def endpoint(root: str, **overrides) -> EndpointConfig:
@@ -145,6 +100,20 @@ def test_gives_up_after_max_retries(server, key_env) -> None:
         run(backend, QUESTION)
     assert info.value.attempts == 3
     assert info.value.status == 500
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body", ["non_json", "truncated_json", "cut"])
+def test_answers_that_are_not_completions_are_retried(server, key_env, body) -> None:
+    inject(server, count=1, body=body)
+    backend = OpenAIBackend(endpoint(server, max_retries=1), backoff_base_s=0.01)
+    (answer,) = run(backend, QUESTION)
+    assert "Paris" in answer.text
+    assert (backend.stats.attempts, backend.stats.retries) == (2, 1)
+    inject(server, count=2, body=body)
+    backend = OpenAIBackend(endpoint(server, max_retries=1), backoff_base_s=0.01)
+    with pytest.raises(EndpointError, match="after 2 attempts"):
+        run(backend, QUESTION)
 
 
 @pytest.mark.slow

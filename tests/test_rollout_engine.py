@@ -317,3 +317,59 @@ def test_failed_episode_is_reported_not_written(tmp_path: Path, gold) -> None:
     assert [t.key for t in read_trajectories(output)] == [instances[1].key]
     again = run(FailingReviewer("none"))
     assert (again.new_episodes, again.episodes, again.errors) == (1, 2, {})
+
+
+class JvmKiller:
+    """Kills the simulator's JVM (SIGKILL) once, after step `at` of instance `target`."""
+
+    def __init__(self, target: str, at: int) -> None:
+        self.target = target
+        self.at = at
+        self.killed = 0
+
+    async def review(self, ctx: StepContext) -> StepReview | None:
+        if ctx.instance.key == self.target and ctx.step_index == self.at and not self.killed:
+            ctx.env.env.java_process().kill()
+            ctx.env.env.java_process().wait()
+            self.killed += 1
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_restarts", [3, 0], ids=["jvm-restarted", "env-replaced"])
+def test_jvm_killed_mid_episode_is_rerun(tmp_path: Path, gold, max_restarts: int) -> None:
+    """With restarts left the env restarts its JVM and replays the episode's actions; with
+    none the worker starts the episode over on a fresh env. Either way every instance ends
+    with the trajectory an undisturbed run gives."""
+    instances = [TaskInstance(ENV, "find-non-living-thing", v, "train") for v in (1, 2, 3)]
+    settings = RolloutSettings(step_limit=4, max_corrections=1)
+
+    def run(output: Path, reviewer):
+        return asyncio.run(
+            rollout(
+                instances,
+                GoldPolicy(gold),
+                output,
+                env_factory=lambda: ScienceWorldEnv(max_restarts=max_restarts),
+                settings=settings,
+                concurrency=2,
+                reviewer=reviewer,
+                progress=False,
+            )
+        )
+
+    killer = JvmKiller(instances[1].key, at=1)
+    summary = run(tmp_path / "killed.jsonl", killer)
+    assert killer.killed == 1
+    assert (summary.episodes, summary.remaining, summary.errors, summary.failed) == (3, 0, {}, 0)
+    assert summary.env_restarts == 1
+    killed = {t.key: t for t in read_trajectories(tmp_path / "killed.jsonl")}
+    run(tmp_path / "calm.jsonl", None)
+    calm = {t.key: t for t in read_trajectories(tmp_path / "calm.jsonl")}
+    assert sorted(killed) == sorted(calm) == sorted(i.key for i in instances)
+    for key, trajectory in killed.items():
+        expected = calm[key]
+        assert [t.content for t in trajectory.turns] == [t.content for t in expected.turns]
+        assert (trajectory.reward, trajectory.success) == (expected.reward, expected.success)
+    in_env = killed[instances[1].key].stats.env_restarts
+    assert in_env == (1 if max_restarts else 0)

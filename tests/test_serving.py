@@ -21,7 +21,7 @@ from stepflow.serving import engine_requirement, group_members, server_command, 
 from stepflow.splits import load_manifest
 from stepflow.synthesize import synthesize
 from stepflow.trajectory import read_trajectories
-from tests.test_llm_endpoint import free_port
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -121,3 +122,22 @@ def test_atomic_write_leaves_no_partial_file(tmp_path) -> None:
         atomic_write_text(path, Exploding("new"))
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_failed_episodes_are_taken_out_for_a_retry(tmp_path: Path) -> None:
+    path = tmp_path / "episodes.jsonl"
+    failed = make_trajectory(1).model_copy(update={"failure": "EndpointError: down"})
+    with TrajectoryLog(path) as log:
+        log.append(make_trajectory(0))
+        log.append(failed)
+        log.append(make_trajectory(2))
+    with TrajectoryLog(path) as log:  # without retry_failed, a failed episode counts as done
+        assert sorted(log.done) == sorted(t.key for t in (make_trajectory(v) for v in (0, 1, 2)))
+        assert log.retried == []
+    with TrajectoryLog(path, retry_failed=True) as log:
+        assert [t.key for t in log.retried] == [failed.key]
+        assert failed.key not in log.done and len(log.done) == 2
+        log.append(make_trajectory(1))
+    stored = list(read_trajectories(path))
+    assert [t.variation for t in stored] == [0, 2, 1]
+    assert all(t.failure is None for t in stored)

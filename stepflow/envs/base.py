@@ -42,11 +42,16 @@ class StepResult:
     info: dict = field(default_factory=dict)
 
 
+class EnvCrashed(RuntimeError):
+    """The simulator process died and could not be brought back."""
+
+
 class TextEnv(ABC):
     """A text environment with a fixed task space. Use as a context manager; always closed."""
 
     name: str
     start_score: float = 0.0  # the task's score right after reset (some tasks start above 0)
+    restarts: int = 0  # times the simulator process was restarted after dying
 
     @abstractmethod
     def reset(self, instance: TaskInstance) -> tuple[str, str]:

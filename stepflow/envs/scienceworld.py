@@ -11,7 +11,7 @@ import logging
 import re
 from typing import Literal
 
-from stepflow.envs.base import StepResult, TaskInstance, TextEnv
+from stepflow.envs.base import EnvCrashed, StepResult, TaskInstance, TextEnv
 
 log = logging.getLogger(__name__)
 # py4j logs every refused connection of a dead JVM at ERROR; stepflow handles those itself.
@@ -29,10 +29,6 @@ _OBSERVATION_ONLY = re.compile(r"^(look around|look at .+|look in .+|inventory|t
 def observation_only(action: str) -> bool:
     """Whether an action only observes (it leaves the world as it was)."""
     return bool(_OBSERVATION_ONLY.match(" ".join(action.lower().split())))
-
-
-class EnvCrashed(RuntimeError):
-    """The simulator process died and could not be brought back."""
 
 
 class ScienceWorldEnv(TextEnv):

@@ -1,16 +1,18 @@
 """An OpenAI-compatible chat-completions endpoint (vLLM, a hosted model) as a chat backend.
 
-Requests run concurrently up to `endpoint.concurrency`. Timeouts, connection errors, 408,
-409, 429 and 5xx answers are retried with exponential backoff and jitter, `max_retries`
-times (the client's own retries are off so that every attempt is counted here); other
-errors, and the last failed attempt, raise `EndpointError`. The API key is read from the
-environment variable named by `endpoint.api_key_env` and is neither logged nor stored
-anywhere but in the client.
+Requests run concurrently up to `endpoint.concurrency`. Timeouts, connection errors
+(including a connection closed mid-answer), 408, 409, 429 and 5xx answers, and answers
+that are not a chat completion (an HTML error page, JSON cut short) are retried with
+exponential backoff and jitter, `max_retries` times (the client's own retries are off so
+that every attempt is counted here); other errors, and the last failed attempt, raise
+`EndpointError`. The API key is read from the environment variable named by
+`endpoint.api_key_env` and is neither logged nor stored anywhere but in the client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -34,6 +36,10 @@ class EndpointError(BackendError):
         super().__init__(message)
         self.attempts = attempts
         self.status = status
+
+
+class NotACompletion(ValueError):
+    """A 200 answer that is not a chat completion (a proxy's error page, a cut document)."""
 
 
 @dataclass
@@ -67,6 +73,8 @@ def _is_retryable(exc: Exception) -> tuple[bool, int | None]:
     import openai
 
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True, None
+    if isinstance(exc, NotACompletion | json.JSONDecodeError):
         return True, None
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
@@ -143,6 +151,7 @@ class OpenAIBackend:
                 self.stats.attempts += 1
                 try:
                     response = await self._client.chat.completions.create(**request)
+                    return self._completion(response)
                 except Exception as exc:
                     retryable, status = _is_retryable(exc)
                     last = attempt == attempts - 1
@@ -168,14 +177,14 @@ class OpenAIBackend:
                         delay,
                     )
                     await asyncio.sleep(delay)
-                    continue
-                return self._completion(response)
         raise AssertionError("unreachable")
 
     def _completion(self, response: Any) -> Completion:
-        if not response.choices:
-            raise EndpointError(f"{self.endpoint.base_url}: answer has no choices", attempts=1)
-        choice = response.choices[0]
+        choices = getattr(response, "choices", None)
+        if not choices or getattr(choices[0], "message", None) is None:
+            shown = response if isinstance(response, str) else type(response).__name__
+            raise NotACompletion(f"not a chat completion: {str(shown)[:80]!r}")
+        choice = choices[0]
         usage = response.usage
         prompt_tokens = usage.prompt_tokens if usage else 0
         completion_tokens = usage.completion_tokens if usage else 0

@@ -3,7 +3,9 @@
 It serves a real model through `stepflow.llm.local.LocalBackend` (greedy decoding), so
 clients can be tested against real generations over real HTTP. Fault injection for retry
 tests: `POST /admin/faults {"count": 2, "status": 503}` makes the next two chat requests
-fail with that status; `{"count": 1, "delay_s": 3}` delays the next one instead.
+fail with that status; `{"count": 1, "delay_s": 3}` delays the next one instead;
+`{"count": 1, "body": "non_json"}` answers 200 with an HTML page, `"truncated_json"` with a
+JSON document cut in half, `"cut"` closes the connection in the middle of the body.
 
     python tests/servers/openai_compat.py --model embedded --port 8000 [--api-key-env VAR]
 """
@@ -19,7 +21,7 @@ from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from stepflow.llm.local import LocalBackend
@@ -44,6 +46,24 @@ class Faults(BaseModel):
     count: int = 1
     status: int | None = None
     delay_s: float = 0.0
+    body: Literal["non_json", "truncated_json", "cut"] | None = None
+
+
+def broken_answer(kind: str) -> Response:
+    """A 200 answer that is not a usable chat completion."""
+    if kind == "non_json":
+        page = "<html><body>502 Bad Gateway (proxy)</body></html>"
+        return Response(content=page, status_code=200, media_type="text/html")
+    document = '{"id": "chatcmpl-x", "object": "chat.completion", "choices": [{"index": 0, '
+    if kind == "truncated_json":
+        return Response(content=document, status_code=200, media_type="application/json")
+    # announces more bytes than it sends: the server closes the connection mid-body
+    return Response(
+        content=document,
+        status_code=200,
+        media_type="application/json",
+        headers={"content-length": str(len(document) * 2)},
+    )
 
 
 def create_app(backend: LocalBackend, served_name: str, api_key: str | None) -> FastAPI:
@@ -69,6 +89,11 @@ def create_app(backend: LocalBackend, served_name: str, api_key: str | None) -> 
         faults.extend([spec.model_copy(update={"count": 1})] * spec.count)
         return {"pending": len(faults)}
 
+    @app.delete("/admin/faults")
+    async def clear() -> dict:
+        faults.clear()
+        return {"pending": 0}
+
     @app.post("/v1/chat/completions")
     async def chat(request: ChatRequest, authorization: str | None = Header(default=None)):
         check_key(authorization)
@@ -76,6 +101,8 @@ def create_app(backend: LocalBackend, served_name: str, api_key: str | None) -> 
             fault = faults.pop(0)
             if fault.delay_s:
                 await asyncio.sleep(fault.delay_s)
+            if fault.body is not None:
+                return broken_answer(fault.body)
             if fault.status is not None:
                 return JSONResponse(
                     status_code=fault.status,
