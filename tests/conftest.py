@@ -83,3 +83,34 @@ def base_agent_workspace(tmp_path_factory, embedded_dir) -> Path:
     finally:
         os.chdir(cwd)
     return workspace
+
+
+def run_tiny_stages(workspace: Path, overrides: dict) -> dict:
+    """prepare → init_sft (a few steps) → synthesize → evaluate init_sft on test, in
+    `workspace` with params.yaml plus TINY_OVERRIDES and `overrides`; returns the outputs."""
+    import yaml
+
+    from stepflow.config import load_params, set_by_path
+    from stepflow.evaluation import evaluate_agent
+    from stepflow.prepare import prepare
+    from stepflow.synthesize import synthesize
+    from stepflow.training import train_variant
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    for item in TINY_OVERRIDES:
+        key, value = item.split("=", 1)
+        set_by_path(data, key, yaml.safe_load(value))
+    for key, value in {"training.max_steps": 2, **overrides}.items():
+        set_by_path(data, key, value)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    cwd = Path.cwd()
+    os.chdir(workspace)
+    try:
+        params = load_params("params.yaml")
+        prepared = prepare(params, show_progress=False)
+        train_variant(params, "init_sft")
+        synthesis = synthesize(params, show_progress=False)
+        metrics = evaluate_agent(params, "init_sft", "test", show_progress=False)
+    finally:
+        os.chdir(cwd)
+    return {"prepare": prepared, "synthesis": synthesis, "metrics": metrics}
