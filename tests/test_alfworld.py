@@ -98,7 +98,7 @@ def test_params_select_alfworld(params_file, alfworld_data) -> None:
     )
     with make_env(params.env) as env:
         assert isinstance(env, AlfWorldEnv)
-    with pytest.raises(ConfigError, match="env.alfworld.expert"):
+    with pytest.raises(ConfigError, match=r"env\.alfworld\.expert"):
         load_params(params_file, ["env.name=alfworld", "env.alfworld.expert=oracle"])
 
 

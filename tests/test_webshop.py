@@ -54,14 +54,14 @@ CATALOGUE = {
     ],
     "goals": [
         {
-            "instruction_text": "i need red running shoes in size 9, price lower than 50.00 dollars",
+            "instruction_text": "i need red running shoes in size 9, price lower than 50 dollars",
             "category": "shoes",
             "attributes": ["running"],
             "options": {"size": "9", "color": "red"},
             "price_upper": 50.0,
         },
         {
-            "instruction_text": "i want organic green tea, pack of 3, price lower than 20.00 dollars",
+            "instruction_text": "i want organic green tea, pack of 3, price lower than 20 dollars",
             "category": "tea",
             "attributes": ["organic"],
             "options": {"pack": "3"},
@@ -74,7 +74,7 @@ CATALOGUE = {
             "price_upper": 20.0,
         },
         {
-            "instruction_text": "i need leather dress shoes in size 10, price lower than 150.00 dollars",
+            "instruction_text": "i need leather dress shoes in size 10, under 150 dollars",
             "category": "shoes",
             "attributes": ["leather"],
             "options": {"size": "10"},
@@ -175,9 +175,9 @@ def test_restore_and_unreachable_server(env) -> None:
     env.restore(goal(1), actions)
     assert env.step("click[Buy Now]").success
     assert env.variations("shop", "train") == [2, 3, 4, 5]
-    with WebShopEnv(WebShopConfig(url="http://127.0.0.1:9", timeout_s=2)) as dead:
-        with pytest.raises(WebShopUnavailable, match="env.webshop.url"):
-            dead.reset(goal(0))
+    dead = WebShopEnv(WebShopConfig(url="http://127.0.0.1:9", timeout_s=2))
+    with dead, pytest.raises(WebShopUnavailable, match=r"env\.webshop\.url"):
+        dead.reset(goal(0))
 
 
 def test_params_select_webshop(params_file, server_url) -> None:
@@ -185,7 +185,7 @@ def test_params_select_webshop(params_file, server_url) -> None:
     assert params.env.webshop.url == "http://127.0.0.1:3000"
     with make_env(params.env) as env:
         assert isinstance(env, WebShopEnv)
-    with pytest.raises(ConfigError, match="env.webshop.url"):
+    with pytest.raises(ConfigError, match=r"env\.webshop\.url"):
         load_params(params_file, ["env.name=webshop", "env.webshop.url=localhost:3000"])
 
 
