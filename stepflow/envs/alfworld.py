@@ -5,7 +5,9 @@ Game files come from `alfworld-download` (not on PyPI): `<data>/json_2.1.1/<spli
 `traj_data.json`. A variation is the index of a game in one task type's list: the sorted
 `train` games first, then `valid_seen`, then `valid_unseen`, so every game has one key.
 Games ALFWorld itself skips (movable receptacles, sliced objects, `solvable: false`) are left
-out. The engine is deterministic, so restoring a state by reset + replay is exact.
+out. The engine is deterministic, so restoring a state by reset + replay is exact. Its
+TextWorld/TatSu parsers are shared module state and not thread-safe, so calls into the engine
+from concurrent episodes take turns (each call takes milliseconds).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import random
 import re
+import threading
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -28,6 +31,7 @@ GAME_FILE = "game.tw-pddl"
 EXPERT_MAX_STEPS = 200
 _NOTHING = "Nothing happens."
 _OBSERVATION_ONLY = re.compile(r"^(look|inventory|help|examine .+)$")
+_ENGINE = threading.RLock()  # one engine call at a time in this process
 _TASK = re.compile(r"\s*Your task is to:\s*(?P<task>.+?)\s*$", re.S)
 
 
@@ -103,6 +107,11 @@ def _textworld_env(expert: str | None = None):
 def expert_actions(game_file: Path, expert: str) -> list[str]:
     """The expert's action sequence for a game: the PDDL planner's plan, or the handcoded
     expert played until the goal is reached (as `alfworld-generate` checks solvability)."""
+    with _ENGINE:
+        return _play_expert(game_file, expert)
+
+
+def _play_expert(game_file: Path, expert: str) -> list[str]:
     env = _textworld_env(expert)
     env.load(str(game_file))
     state = env.reset()
@@ -130,7 +139,8 @@ class AlfWorldEnv(TextEnv):
     def __init__(self, config: AlfworldConfig | None = None) -> None:
         self.config = config or AlfworldConfig()
         self.root = data_root(self.config)
-        self._env = _textworld_env()
+        with _ENGINE:
+            self._env = _textworld_env()
         self._instance: TaskInstance | None = None
         self._game: Path | None = None
         self._admissible: list[str] = []
@@ -168,8 +178,9 @@ class AlfWorldEnv(TextEnv):
         if instance.env != ENV_NAME:
             raise ValueError(f"{instance.key}: not an ALFWorld instance")
         self._game = self.game_file(instance)
-        self._env.load(str(self._game))
-        state = self._env.reset()
+        with _ENGINE:
+            self._env.load(str(self._game))
+            state = self._env.reset()
         self._instance = instance
         self._admissible = list(state["admissible_commands"])
         return split_text(state.feedback)
@@ -180,7 +191,8 @@ class AlfWorldEnv(TextEnv):
             raise RuntimeError("step() before reset()")
         command = " ".join(action.strip().split())
         valid = command in self._admissible
-        state, _, _ = self._env.step(command)
+        with _ENGINE:
+            state, _, _ = self._env.step(command)
         self._admissible = list(state["admissible_commands"])
         won = bool(state["won"])
         observation = state.feedback.strip()
