@@ -120,6 +120,6 @@ def test_pipeline_stages_on_alfworld(tmp_path, alfworld_data, embedded_dir) -> N
     assert "ALFWorld" in golden[0].turns[0].content
     assert outputs["synthesis"].episodes == 2
     assert outputs["metrics"].instances == [
-        "alfworld:pick_and_place_simple:5",
-        "alfworld:pick_and_place_simple:6",
+        "alfworld/pick_and_place_simple/5",
+        "alfworld/pick_and_place_simple/6",
     ]

@@ -213,4 +213,4 @@ def test_pipeline_stages_on_webshop(tmp_path, server_url, embedded_dir) -> None:
     assert all(t.env == "webshop" and t.reward == 1.0 for t in golden)
     assert "WebShop" in golden[0].turns[0].content
     assert outputs["synthesis"].episodes == 2
-    assert outputs["metrics"].instances == ["webshop:shop:0", "webshop:shop:1"]
+    assert outputs["metrics"].instances == ["webshop/shop/0", "webshop/shop/1"]
