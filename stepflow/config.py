@@ -85,12 +85,79 @@ class LLMConfig(Strict):
         return self
 
 
+ALFWORLD_TASK_TYPES = (
+    "pick_and_place_simple",
+    "look_at_obj_in_light",
+    "pick_clean_then_place_in_recep",
+    "pick_heat_then_place_in_recep",
+    "pick_cool_then_place_in_recep",
+    "pick_two_obj_and_place",
+)
+GoalRange = Annotated[tuple[NonNegInt, NonNegInt], Field(description="[first, last) goal index")]
+
+
+class AlfworldConfig(Strict):
+    """ALFWorld (TextWorld PDDL engine): where the game files are and which expert to follow."""
+
+    data_dir: Path | None = Field(
+        default=None,
+        description="directory holding json_2.1.1/ (from `alfworld-download`); "
+        "default: the ALFWORLD_DATA environment variable",
+    )
+    expert: Literal["handcoded", "planner"] = Field(
+        default="handcoded",
+        description="golden actions: the handcoded expert of ALFWorld, or the PDDL planner",
+    )
+    dev_split: Literal["valid_seen", "valid_unseen"] = "valid_seen"
+    test_split: Literal["valid_seen", "valid_unseen"] = "valid_unseen"
+
+    @model_validator(mode="after")
+    def _distinct_splits(self) -> AlfworldConfig:
+        if self.dev_split == self.test_split:
+            raise ValueError(f"dev_split and test_split are both {self.dev_split!r}")
+        return self
+
+
+class WebShopConfig(Strict):
+    """WebShop: the site server to drive and where golden demonstrations come from."""
+
+    url: str = Field(
+        default="http://127.0.0.1:3000", description="base URL of a running WebShop server"
+    )
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    train_goals: GoalRange = (1500, 12087)
+    dev_goals: GoalRange = (500, 1500)
+    test_goals: GoalRange = (0, 500)
+    demonstrations: Path | None = Field(
+        default=None,
+        description="human/expert demonstrations in the conversation format (JSON or "
+        "JSONL), replayed as golden trajectories",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> WebShopConfig:
+        for name in ("train_goals", "dev_goals", "test_goals"):
+            first, last = getattr(self, name)
+            if last < first:
+                raise ValueError(f"{name}: [{first}, {last}) is not a range")
+        return self
+
+
 class EnvConfig(Strict):
     """The text environment and which of its task types the run uses."""
 
-    name: Literal["scienceworld"] = "scienceworld"
+    name: Literal["scienceworld", "alfworld", "webshop"] = "scienceworld"
     task_types: list[str] = Field(min_length=1)
-    simplification: str = "easy"
+    simplification: str = Field(default="easy", description="ScienceWorld only")
+    alfworld: AlfworldConfig = AlfworldConfig()
+    webshop: WebShopConfig = WebShopConfig()
     step_limit: PositiveInt = 30
     step_limits: dict[str, PositiveInt] = Field(
         default_factory=dict, description="per task type, overrides step_limit"
@@ -103,6 +170,19 @@ class EnvConfig(Strict):
         if unknown:
             raise ValueError(f"step_limits names task types not in task_types: {unknown}")
         return self
+
+    @model_validator(mode="after")
+    def _known_task_types(self) -> EnvConfig:
+        known = {"alfworld": ALFWORLD_TASK_TYPES, "webshop": ("shop",)}.get(self.name)
+        unknown = sorted(set(self.task_types) - set(known or self.task_types))
+        if unknown:
+            raise ValueError(f"{self.name} has no task types {unknown} (known: {list(known)})")
+        return self
+
+    def engine_keys(self) -> tuple[str, ...]:
+        """The params keys of the selected environment's own section (none for ScienceWorld,
+        whose `simplification` every stage already reads)."""
+        return () if self.name == "scienceworld" else (f"env.{self.name}",)
 
     def step_limit_for(self, task_type: str) -> int:
         """The step limit of one task type."""

@@ -60,7 +60,7 @@ def evaluated_adapter(params: Params, agent: str) -> Path | None:
 
 def evaluation_digest(params: Params, agent: str) -> str:
     """Identity of an evaluation: the settings it reads and the agent's adapter content."""
-    digest = params.section_hash(*EVALUATION_KEYS)
+    digest = params.section_hash(*EVALUATION_KEYS, *params.env.engine_keys())
     adapter = evaluated_adapter(params, agent)
     if adapter is not None:
         digest += "-" + adapter_digest(adapter)

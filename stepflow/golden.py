@@ -78,8 +78,16 @@ _TEMPLATES: list[tuple[str, str]] = [
     (r"^close (?P<x>.+)$", "I close the {x}."),
     (r"^wait\d*$", "I wait for things to progress."),
     (r"^inventory$", "I check what I am carrying."),
+    (r"^look$", "I look around to see what is here."),
+    (r"^take (?P<x>.+) from (?P<y>.+)$", "I take the {x} from the {y}."),
+    (r"^examine (?P<x>.+)$", "I take a closer look at the {x}."),
+    (r"^(?P<verb>heat|cool|clean) (?P<x>.+) with (?P<y>.+)$", "I {verb} the {x} with the {y}."),
+    (r"^search\[(?P<x>.+)\]$", "I search the store for {x}."),
+    (r"^click\[buy now\]$", "This product and its options match the instruction, so I buy it."),
+    (r"^click\[(?P<x>back to search|< prev|next >)\]$", "I click {x} to look elsewhere."),
+    (r"^click\[(?P<x>.+)\]$", "I click {x}."),
 ]
-_COMPILED = [(re.compile(pattern), text) for pattern, text in _TEMPLATES]
+_COMPILED = [(re.compile(pattern, re.IGNORECASE), text) for pattern, text in _TEMPLATES]
 
 
 def template_thought(action: str) -> str:

@@ -68,7 +68,8 @@ class PrepareSummary:
 
 def prepare_hash(params: Params) -> str:
     """Hash of every setting the prepare outputs depend on."""
-    keys = PREPARE_KEYS + (("teacher.llm",) if params.golden.thoughts == "teacher" else ())
+    keys = PREPARE_KEYS + params.env.engine_keys()
+    keys += ("teacher.llm",) if params.golden.thoughts == "teacher" else ()
     return params.section_hash(*keys)
 
 

@@ -100,7 +100,7 @@ def synthesize(
     u2 = manifest.select("u2")
     instances = [i for i in u2 if i.key in references]
     adapter_path = base_agent_adapter(params) if adapter == "init_sft" else adapter
-    digest = params.section_hash(*SYNTHESIS_KEYS)
+    digest = params.section_hash(*SYNTHESIS_KEYS, *params.env.engine_keys())
     if adapter_path is not None:
         digest += "-" + adapter_digest(adapter_path)
     work_log = Path(work_root) / f"synthesize-{digest}" / "episodes.jsonl"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,29 +59,61 @@ TINY_OVERRIDES = [
 ]
 
 
+def write_tiny_params(workspace: Path, overrides: dict | None = None) -> None:
+    """`workspace/params.yaml`: the repository's params with TINY_OVERRIDES, then `overrides`
+    (dotted keys) applied."""
+    import yaml
+
+    from stepflow.config import parse_overrides, set_by_path
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in {**parse_overrides(TINY_OVERRIDES), **(overrides or {})}.items():
+        set_by_path(data, key, value)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@contextlib.contextmanager
+def inside(workspace: Path) -> Iterator[None]:
+    """Run the block with `workspace` as the working directory."""
+    cwd = Path.cwd()
+    os.chdir(workspace)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="session")
 def base_agent_workspace(tmp_path_factory, embedded_dir) -> Path:
     """A directory with params.yaml (tiny overrides applied), prepared data and an
     `init_sft` adapter trained for a few steps on D1."""
-    import yaml
-
-    from stepflow.config import load_params, set_by_path
+    from stepflow.config import load_params
     from stepflow.prepare import prepare
     from stepflow.training import train_variant
 
     workspace = tmp_path_factory.mktemp("workspace")
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in (
-        (o.split("=", 1)[0], yaml.safe_load(o.split("=", 1)[1])) for o in TINY_OVERRIDES
-    ):
-        set_by_path(data, key, value)
-    (workspace / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    cwd = Path.cwd()
-    os.chdir(workspace)
-    try:
+    write_tiny_params(workspace)
+    with inside(workspace):
         params = load_params("params.yaml")
         prepare(params, show_progress=False)
         train_variant(params, "init_sft")
-    finally:
-        os.chdir(cwd)
     return workspace
+
+
+def run_tiny_stages(workspace: Path, overrides: dict) -> dict:
+    """prepare → init_sft (a few steps) → synthesize → evaluate init_sft on test, in
+    `workspace` with params.yaml plus TINY_OVERRIDES and `overrides`; returns the outputs."""
+    from stepflow.config import load_params
+    from stepflow.evaluation import evaluate_agent
+    from stepflow.prepare import prepare
+    from stepflow.synthesize import synthesize
+    from stepflow.training import train_variant
+
+    write_tiny_params(workspace, {"training.max_steps": 2, **overrides})
+    with inside(workspace):
+        params = load_params("params.yaml")
+        prepared = prepare(params, show_progress=False)
+        train_variant(params, "init_sft")
+        synthesis = synthesize(params, show_progress=False)
+        metrics = evaluate_agent(params, "init_sft", "test", show_progress=False)
+    return {"prepare": prepared, "synthesis": synthesis, "metrics": metrics}

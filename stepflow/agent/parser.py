@@ -35,12 +35,14 @@ START_MARKERS = (
     "<start_of_turn>model",
 )
 
-# First words of actions in the supported environments (ScienceWorld, ALFWorld); a line
+# First words of actions in the supported environments (ScienceWorld, ALFWorld, WebShop's
+# `search[...]`/`click[...]`); a line
 # with no "Action:" label is taken as the action only when it starts with one of these.
 ACTION_VERBS = frozenset(
     {
         "activate",
         "clean",
+        "click",
         "close",
         "connect",
         "cool",
@@ -62,6 +64,7 @@ ACTION_VERBS = frozenset(
         "pour",
         "put",
         "read",
+        "search",
         "take",
         "task",
         "teleport",
@@ -83,7 +86,7 @@ _LABEL_RE = re.compile(
     re.MULTILINE,
 )
 _NUMBERING_RE = re.compile(r"^(?:\(?\d{1,3}[.)]|[-*•])\s+")
-_WRAPPERS = "`'\"*_“”‘’[]<>"
+_WRAPPERS = "`'\"*_“”‘’[<>"  # "]" only when unbalanced: `click[Buy Now]` keeps its own
 _TRAILING_PUNCT = ".!?;,:"
 
 INVALID_OUTPUT_HINT = "Reply with 'Thought: ...' then 'Action: ...'."
@@ -136,6 +139,8 @@ def clean_action(raw: str) -> str:
         line = line.strip().strip(_WRAPPERS).strip()
         line = _NUMBERING_RE.sub("", line)
         line = line.rstrip(_TRAILING_PUNCT).strip()
+        if line.endswith("]") and line.count("]") > line.count("["):
+            line = line[:-1]
     return " ".join(line.split())
 
 
@@ -160,7 +165,7 @@ def _sections(text: str) -> tuple[str, list[tuple[str, str]]]:
 
 def _looks_like_action(line: str, verbs: Collection[str]) -> bool:
     words = clean_action(line).lower().split()
-    return bool(words) and words[0] in verbs and len(words) <= 12
+    return bool(words) and words[0].split("[", 1)[0] in verbs and len(words) <= 12
 
 
 def parse_step(text: str | None, verbs: Collection[str] = ACTION_VERBS) -> ParsedStep:

@@ -14,6 +14,14 @@ def make_env(config: EnvConfig) -> TextEnv:
         from stepflow.envs.scienceworld import ScienceWorldEnv
 
         return ScienceWorldEnv(simplification=config.simplification)
+    if config.name == "alfworld":
+        from stepflow.envs.alfworld import AlfWorldEnv
+
+        return AlfWorldEnv(config.alfworld)
+    if config.name == "webshop":
+        from stepflow.envs.webshop import WebShopEnv
+
+        return WebShopEnv(config.webshop)
     raise ValueError(f"env.name: unknown environment {config.name!r}")
 
 
@@ -23,4 +31,8 @@ def observation_only(env: str, action: str) -> bool:
         from stepflow.envs.scienceworld import observation_only as scienceworld_observation_only
 
         return scienceworld_observation_only(action)
+    if env == "alfworld":
+        from stepflow.envs.alfworld import observation_only as alfworld_observation_only
+
+        return alfworld_observation_only(action)
     return False
