@@ -229,15 +229,24 @@ def train_command(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
     ] = True,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="data-parallel processes, launched by training.distributed.launcher "
+            "(default: training.distributed.nproc)",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune the student on one variant's data and save its adapter."""
     from stepflow.jsonl import DataError
-    from stepflow.training import train_variant
+    from stepflow.launch import train
 
-    loaded = load_or_exit(params, overrides)
+    extra = [f"training.distributed.nproc={nproc}"] if nproc else []
+    loaded = load_or_exit(params, [*(overrides or []), *extra])
     try:
-        result = train_variant(loaded, variant, out_dir=out_dir, resume=resume)
-    except (DataError, FileNotFoundError, ValueError) as exc:
+        result = train(loaded, variant, out_dir=out_dir, resume=resume)
+    except (DataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     stats = result.stats
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"

@@ -75,11 +75,12 @@ def train_task(params: Params, variant: str) -> dict[str, Any]:
     """Fine-tune one variant (init_sft, golden, step, step_nomask); log its adapter."""
     import mlflow
 
-    from stepflow.training import train_variant, variant_files
+    from stepflow.launch import train
+    from stepflow.training import variant_files
 
     for path in variant_files(params, variant):
         tracking.log_dataset(path, path.stem, context="training")
-    result = train_variant(params, variant)
+    result = train(params, variant)  # launched in several processes when configured
     figures = {
         "final_loss": result.final_loss if result.final_loss is not None else float("nan"),
         "global_step": result.global_step,
