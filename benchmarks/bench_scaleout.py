@@ -78,7 +78,6 @@ def main() -> None:
                 instances,
                 work_log,
                 shard_map=shard_map(params),
-                shards=params.scaleout.shard_count,
             )
             seconds = time.perf_counter() - started
             episodes = list(read_trajectories(work_log))

@@ -124,7 +124,6 @@ def evaluate_agent(
         instances,
         work_log,
         shard_map=shard_map,
-        shards=params.scaleout.shard_count,
         progress=show_progress,
     ).summary
     result.raise_for_errors(f"evaluation of {agent} on {split}")

@@ -168,11 +168,10 @@ def run_stage(
     work_log: Path,
     *,
     shard_map: ShardMap | None = None,
-    shards: int = 1,
     progress: bool = True,
 ) -> ShardResult:
     """Run a stage's episodes into `work_log`: in process without a `shard_map`, else split
-    into `shards` shards run by `shard_map` and merged (see the module docstring)."""
+    into `scaleout.shards` shards run by `shard_map` and merged (see the module docstring)."""
     if shard_map is None:
         return spec.run(instances, work_log, progress=progress)
     started = time.perf_counter()
@@ -182,7 +181,7 @@ def run_stage(
     wanted = list(dict.fromkeys(instances))
     done = {t.key for t in read_trajectories(work_log)} if work_log.is_file() else set()
     pending = [i for i in wanted if i.key not in done]
-    parts = split_shards(pending, shards) if pending else []
+    parts = split_shards(pending, spec.params.scaleout.shard_count) if pending else []
     jobs = [
         ShardJob(spec, tuple(part), shard_dir / f"shard-{n:03d}.jsonl", n, len(parts))
         for n, part in enumerate(parts)

@@ -117,7 +117,6 @@ def synthesize(
         instances,
         work_log,
         shard_map=shard_map,
-        shards=params.scaleout.shard_count,
         progress=show_progress,
     )
     result = run.summary
