@@ -36,6 +36,15 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _shard_map(params):
+    """Shards on the `scaleout` task runner (Prefect), or None to run in process."""
+    if not params.scaleout.fans_out:
+        return None
+    from tasks.scaleout import shard_map
+
+    return shard_map(params)
+
+
 def load_or_exit(params: Path, overrides: list[str] | None = None):
     """Load params for a command, turning configuration errors into a clean exit."""
     try:
@@ -229,15 +238,24 @@ def train_command(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
     ] = True,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="data-parallel processes, launched by training.distributed.launcher "
+            "(default: training.distributed.nproc)",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune the student on one variant's data and save its adapter."""
     from stepflow.jsonl import DataError
-    from stepflow.training import train_variant
+    from stepflow.launch import train
 
-    loaded = load_or_exit(params, overrides)
+    extra = [f"training.distributed.nproc={nproc}"] if nproc else []
+    loaded = load_or_exit(params, [*(overrides or []), *extra])
     try:
-        result = train_variant(loaded, variant, out_dir=out_dir, resume=resume)
-    except (DataError, FileNotFoundError, ValueError) as exc:
+        result = train(loaded, variant, out_dir=out_dir, resume=resume)
+    except (DataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     stats = result.stats
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
@@ -364,7 +382,7 @@ def synthesize_command(
 
     loaded = load_or_exit(params, overrides)
     try:
-        summary = synthesize(loaded)
+        summary = synthesize(loaded, shard_map=_shard_map(loaded))
     except (DataError, FileNotFoundError, ValueError, EpisodeErrors) as exc:
         raise _fail(str(exc)) from None
     console.print(
@@ -391,10 +409,12 @@ def evaluate_command(
     from stepflow.rollout import EpisodeErrors
 
     loaded = load_or_exit(params, overrides)
+    shards = _shard_map(loaded)
     for agent in agents or loaded.evaluation.agents:
         try:
             results = {
-                split: evaluate_agent(loaded, agent, split) for split in loaded.evaluation.splits
+                split: evaluate_agent(loaded, agent, split, shard_map=shards)
+                for split in loaded.evaluation.splits
             }
         except (DataError, FileNotFoundError, ValueError, EpisodeErrors) as exc:
             raise _fail(str(exc)) from None

@@ -42,7 +42,11 @@ class Strict(BaseModel):
 class EndpointConfig(Strict):
     """An OpenAI-compatible server (vLLM, or a hosted model). The key comes from an env var."""
 
-    base_url: str = "http://127.0.0.1:8000/v1"
+    base_url: str | Annotated[list[str], Field(min_length=1)] = Field(
+        default="http://127.0.0.1:8000/v1",
+        description="the server's URL, or a list of servers of the same model used in turn "
+        "(each episode sticks to one server)",
+    )
     model: str = Field(description="model (or LoRA adapter) name the server serves")
     api_key_env: str | None = Field(
         default="OPENAI_API_KEY", description="name of the env var holding the API key"
@@ -56,6 +60,11 @@ class EndpointConfig(Strict):
         "by `stepflow serve`); false: the server already serves each adapter under the "
         "agent's name (--lora-modules init_sft=models/init_sft ...)",
     )
+
+    @property
+    def urls(self) -> list[str]:
+        """Every server URL (one for a plain `base_url`)."""
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 class GenerationConfig(Strict):
@@ -268,6 +277,18 @@ class LoraConfig(Strict):
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
 
 
+class DistributedConfig(Strict):
+    """Data-parallel training: `nproc` processes (GPUs) launched by torchrun or accelerate."""
+
+    nproc: PositiveInt = Field(
+        default=1, description="processes; the global batch is batch_size x accumulation x nproc"
+    )
+    launcher: Literal["torchrun", "accelerate"] = "torchrun"
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        default="auto", description="collective backend; auto: nccl on CUDA, gloo on CPU"
+    )
+
+
 class TrainingConfig(Strict):
     """Fine-tuning shared by every variant (init_sft, golden, step, step_nomask)."""
 
@@ -291,6 +312,7 @@ class TrainingConfig(Strict):
     warmup_ratio: UnitInterval = 0.0
     save_steps: PositiveInt = 50
     logging_steps: PositiveInt = 1
+    distributed: DistributedConfig = DistributedConfig()
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -350,6 +372,41 @@ class ServingConfig(Strict):
     )
 
 
+class ScaleoutConfig(Strict):
+    """How rollouts (synthesis, evaluation) fan out: shards of episodes, each a Prefect task
+    on the task runner named here; every worker owns its simulators and model client."""
+
+    task_runner: Literal["thread", "process", "dask", "ray"] = Field(
+        default="thread",
+        description="thread with one shard runs in process (no fan-out); dask: prefect-dask, "
+        "ray: prefect-ray",
+    )
+    address: str | None = Field(
+        default=None,
+        description="an existing Dask scheduler (tcp://host:8786) or Ray cluster "
+        "(ray://host:10001); "
+        "null: start a local one with `workers` worker processes",
+    )
+    workers: PositiveInt = 1
+    shards: PositiveInt | None = Field(default=None, description="shards per stage (null: workers)")
+
+    @model_validator(mode="after")
+    def _address_for_clusters(self) -> ScaleoutConfig:
+        if self.address is not None and self.task_runner not in ("dask", "ray"):
+            raise ValueError(f"address needs task_runner dask or ray, not {self.task_runner!r}")
+        return self
+
+    @property
+    def shard_count(self) -> int:
+        """How many shards a stage's episodes are split into."""
+        return self.shards or self.workers
+
+    @property
+    def fans_out(self) -> bool:
+        """Whether episodes run as shards on a task runner (else in this process)."""
+        return self.task_runner != "thread" or self.shard_count > 1
+
+
 class TrackingConfig(Strict):
     """MLflow."""
 
@@ -382,6 +439,7 @@ class Params(Strict):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     serving: ServingConfig = ServingConfig()
+    scaleout: ScaleoutConfig = ScaleoutConfig()
     tracking: TrackingConfig = TrackingConfig()
     paths: PathsConfig = PathsConfig()
 

@@ -9,7 +9,6 @@ written to `data/eval/<agent>/<split>.jsonl`; metrics go to
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from stepflow.config import LLMConfig, Params
@@ -17,9 +16,10 @@ from stepflow.jsonl import atomic_write_json
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
 from stepflow.metrics import AgentMetrics, agent_metrics
-from stepflow.prepare import WORK_ROOT, example_for, load_examples
+from stepflow.prepare import WORK_ROOT
 from stepflow.provenance import adapter_digest
-from stepflow.rollout import EPISODE_KEYS, run_rollout
+from stepflow.rollout import EPISODE_KEYS
+from stepflow.shards import RolloutSpec, ShardMap, run_stage
 from stepflow.splits import load_manifest
 from stepflow.trajectory import read_trajectories, write_trajectories
 
@@ -99,8 +99,10 @@ def evaluate_agent(
     *,
     show_progress: bool = True,
     work_root: Path = WORK_ROOT,
+    shard_map: ShardMap | None = None,
 ) -> AgentMetrics:
-    """Evaluate one agent on one split; write its trajectories and metrics."""
+    """Evaluate one agent on one split; write its trajectories and metrics. With a
+    `shard_map`, the episodes run in `scaleout.shards` shards (stepflow.shards)."""
     data_dir = Path(params.paths.data)
     manifest = load_manifest(data_dir / "manifest.json")
     instances = sorted(manifest.select(split))
@@ -111,17 +113,21 @@ def evaluate_agent(
         greedy(evaluation_llm(params)), agent, evaluated_adapter(params, agent)
     )
     work_log = Path(work_root) / f"evaluate-{agent}-{split}-{digest}" / "episodes.jsonl"
-    result = run_rollout(
-        params,
-        instances,
-        work_log,
-        adapter=adapter,
+    spec = RolloutSpec(
+        params=params,
         student=student,
-        example_for=functools.partial(example_for, load_examples(data_dir)),
+        adapter=Path(adapter).resolve() if adapter else None,
         source="evaluation",
         params_hash=digest,
-        progress=show_progress,
+        data_dir=data_dir.resolve(),
     )
+    result = run_stage(
+        spec,
+        instances,
+        work_log,
+        shard_map=shard_map,
+        progress=show_progress,
+    ).summary
     what = f"evaluation of {agent} on {split}"
     result.raise_for_errors(what)
     result.raise_for_failures(what, params.rollout.max_failed_fraction)

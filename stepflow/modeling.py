@@ -22,6 +22,16 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def placement() -> str:
+    """Where this process puts the model: its own GPU in a data-parallel run (LOCAL_RANK set
+    by torchrun / accelerate launch), else `device()`."""
+    import os
+
+    if device() == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device()
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """Map a params.yaml dtype name to a torch dtype ('auto': bf16 on GPU, fp32 on CPU)."""
     import torch
@@ -68,10 +78,10 @@ def load_model(
     kwargs: dict = {"dtype": torch_dtype(dtype)}
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(dtype)
-        kwargs["device_map"] = {"": device()}
+        kwargs["device_map"] = {"": placement()}
     lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if method != "qlora":
-        lm.to(device())
+        lm.to(placement())
     if adapter is not None:
         lm = attach_adapter(lm, adapter, expected_base=model)
     return lm

@@ -11,7 +11,6 @@ work log as they finish, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +20,11 @@ from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
-from stepflow.prepare import WORK_ROOT, example_for, load_examples, load_prepared
+from stepflow.prepare import WORK_ROOT, load_prepared
 from stepflow.provenance import adapter_digest
-from stepflow.rollout import EPISODE_KEYS, run_rollout
-from stepflow.teacher import make_teacher
-from stepflow.teacher.reviewer import TeacherReviewer
+from stepflow.rollout import EPISODE_KEYS
+from stepflow.shards import RolloutSpec, ShardMap, run_stage
+from stepflow.teacher import TeacherStats
 from stepflow.trajectory import Trajectory, read_trajectories, write_trajectories
 
 SYNTHESIS_KEYS = (*EPISODE_KEYS, "teacher", "synthesis")
@@ -91,8 +90,10 @@ def synthesize(
     adapter: Path | str | None = "init_sft",
     show_progress: bool = True,
     work_root: Path = WORK_ROOT,
+    shard_map: ShardMap | None = None,
 ) -> SynthesisSummary:
-    """Run the synthesis stage; see the module docstring."""
+    """Run the synthesis stage; see the module docstring. With a `shard_map`, the episodes
+    run in `scaleout.shards` shards (stepflow.shards) and merge into the same work log."""
     started = time.perf_counter()
     data_dir = Path(params.paths.data)
     manifest, _d1, d2 = load_prepared(data_dir)
@@ -107,20 +108,23 @@ def synthesize(
 
     agent = "init_sft" if adapter == "init_sft" else Path(adapter).name if adapter else "base"
     student, local_adapter = with_adapter(params.student, agent, adapter_path)
-    teacher = make_teacher(params.teacher)
-    result = run_rollout(
-        params,
-        instances,
-        work_log,
-        adapter=local_adapter,
+    spec = RolloutSpec(
+        params=params,
         student=student,
-        example_for=functools.partial(example_for, load_examples(data_dir)),
-        reviewer=TeacherReviewer(teacher, references, params.synthesis.rewind),
+        adapter=Path(local_adapter).resolve() if local_adapter else None,
         source="synthesis",
         params_hash=digest,
-        progress=show_progress,
-        cleanup=teacher.aclose,
+        data_dir=data_dir.resolve(),
+        review=True,
     )
+    run = run_stage(
+        spec,
+        instances,
+        work_log,
+        shard_map=shard_map,
+        progress=show_progress,
+    )
+    result = run.summary
     result.raise_for_errors("synthesis")
     result.raise_for_failures("synthesis", params.rollout.max_failed_fraction)
     wanted = {i.key for i in instances}
@@ -128,7 +132,10 @@ def synthesize(
     keep = kept(episodes, params.synthesis.keep_threshold)
     write_trajectories(data_dir / "reflected.jsonl", keep)
     corrections = [t.stats.corrections for t in episodes]
-    stats = teacher.stats
+    stats = run.teacher_stats or TeacherStats()
+    teacher = run.teacher or next(
+        (t.provenance.teacher for t in episodes if t.provenance.teacher), params.teacher.kind
+    )
     summary = SynthesisSummary(
         episodes=len(episodes),
         kept=len(keep),
@@ -137,7 +144,7 @@ def synthesize(
         corrections_mean=mean(corrections) if corrections else 0.0,
         corrections_total=sum(corrections),
         episodes_corrected=sum(1 for c in corrections if c),
-        teacher=teacher.name,
+        teacher=teacher,
         teacher_calls=sum(t.stats.teacher_calls for t in episodes),
         teacher_fallbacks=sum(t.stats.teacher_fallbacks for t in episodes),
         teacher_malformed=stats.malformed,

@@ -265,6 +265,21 @@ def batch_collator(packing: str, tokenizer):
     )
 
 
+def world_size() -> int:
+    """Processes of this training run (torchrun / accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def ddp_backend(params: Params) -> str | None:
+    """The collective backend of a multi-process run (None when there is one process)."""
+    if world_size() == 1:
+        return None
+    chosen = params.training.distributed.backend
+    if chosen != "auto":
+        return chosen
+    return "nccl" if device() == "cuda" else "gloo"
+
+
 def _training_args(params: Params, checkpoints: Path) -> TrainingArguments:
     cfg = params.training
     dtype = torch_dtype(params.student.dtype)
@@ -295,6 +310,9 @@ def _training_args(params: Params, checkpoints: Path) -> TrainingArguments:
         remove_unused_columns=False,
         dataloader_pin_memory=on_gpu,
         report_to="none",
+        ddp_backend=ddp_backend(params),
+        use_cpu=not on_gpu,  # also makes a multi-process CPU run data-parallel (gloo)
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -412,8 +430,10 @@ def train_variant(
     )
     if not examples:
         raise ValueError(f"variant {variant!r}: no trainable example in {[str(p) for p in files]}")
-    atomic_write_json(work_dir / "token_stats.json", stats.as_dict())
-    log_to_active_run(stats.as_dict(), step=0, prefix="data/")
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        atomic_write_json(work_dir / "token_stats.json", stats.as_dict())
+        log_to_active_run(stats.as_dict(), step=0, prefix="data/")
 
     model = _prepare_model(params)
     meter = TokenMeter()
@@ -456,8 +476,9 @@ def train_variant(
         "created_at": utc_now().isoformat(),
     }
     target = out_dir or params.paths.models / variant
-    _publish(trainer.model, tokenizer, target, meta, variant)
-    _prune_stale_runs(work_dir)
+    if trainer.is_world_process_zero():  # the other ranks of a data-parallel run write nothing
+        _publish(trainer.model, tokenizer, target, meta, variant)
+        _prune_stale_runs(work_dir)
     return TrainResult(
         variant=variant,
         output_dir=target,

@@ -18,6 +18,7 @@ from stepflow import tracking
 from stepflow.config import Params
 from tasks.caching import EvaluationCache
 from tasks.retry import transient
+from tasks.scaleout import shard_map
 
 
 def _table(key: str, rows: dict[str, Any], description: str) -> None:
@@ -75,11 +76,12 @@ def train_task(params: Params, variant: str) -> dict[str, Any]:
     """Fine-tune one variant (init_sft, golden, step, step_nomask); log its adapter."""
     import mlflow
 
-    from stepflow.training import train_variant, variant_files
+    from stepflow.launch import train
+    from stepflow.training import variant_files
 
     for path in variant_files(params, variant):
         tracking.log_dataset(path, path.stem, context="training")
-    result = train_variant(params, variant)
+    result = train(params, variant)  # launched in several processes when configured
     figures = {
         "final_loss": result.final_loss if result.final_loss is not None else float("nan"),
         "global_step": result.global_step,
@@ -104,10 +106,11 @@ def train_task(params: Params, variant: str) -> dict[str, Any]:
     cache_policy=NO_CACHE,
 )
 def synthesize_task(params: Params) -> dict[str, Any]:
-    """Self-reflected trajectories on U2 with the configured teacher."""
+    """Self-reflected trajectories on U2 with the configured teacher (in shards on the
+    `scaleout` task runner when configured)."""
     from stepflow.synthesize import synthesize
 
-    summary = synthesize(params).as_dict()
+    summary = synthesize(params, shard_map=shard_map(params)).as_dict()
     tracking.log_dataset(Path(params.paths.data) / "reflected.jsonl", "reflected", "synthesis")
     numeric = {k: v for k, v in summary.items() if isinstance(v, int | float)}
     tracking.log_metrics({f"synthesis_{k}": v for k, v in numeric.items()})
@@ -130,7 +133,11 @@ def evaluate_task(params: Params, agent: str) -> dict[str, dict[str, float]]:
     """
     from stepflow.evaluation import evaluate_agent, write_dvc_metrics
 
-    results = {split: evaluate_agent(params, agent, split) for split in params.evaluation.splits}
+    shards = shard_map(params)
+    results = {
+        split: evaluate_agent(params, agent, split, shard_map=shards)
+        for split in params.evaluation.splits
+    }
     write_dvc_metrics(params, agent, results)
     return {split: metrics.flat() for split, metrics in results.items()}
 

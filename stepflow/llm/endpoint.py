@@ -1,17 +1,20 @@
 """An OpenAI-compatible chat-completions endpoint (vLLM, a hosted model) as a chat backend.
 
-Requests run concurrently up to `endpoint.concurrency`. Timeouts, connection errors
-(including a connection closed mid-answer), 408, 409, 429 and 5xx answers, and answers
-that are not a chat completion (an HTML error page, JSON cut short) are retried with
-exponential backoff and jitter, `max_retries` times (the client's own retries are off so
-that every attempt is counted here); other errors, and the last failed attempt, raise
-`EndpointError`. The API key is read from the environment variable named by
-`endpoint.api_key_env` and is neither logged nor stored anywhere but in the client.
+Requests run concurrently up to `endpoint.concurrency`. With several servers listed
+(`base_url: [...]`, replicas of the same model), episodes go to them in turn, each episode
+staying on one server. Timeouts, connection errors (including a connection closed
+mid-answer), 408, 409, 429 and 5xx answers, and answers that are not a chat completion (an
+HTML error page, JSON cut short) are retried with exponential backoff and jitter,
+`max_retries` times (the client's own retries are off so that every attempt is counted
+here); other errors, and the last failed attempt, raise `EndpointError`. The API key is read
+from the environment variable named by `endpoint.api_key_env` and is neither logged nor
+stored anywhere but in the client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -114,15 +117,25 @@ class OpenAIBackend:
         self.backoff_max_s = backoff_max_s
         self.stats = EndpointStats()
         self._semaphore = asyncio.Semaphore(endpoint.concurrency)
-        self._client = AsyncOpenAI(
-            api_key=api_key_from_env(endpoint.api_key_env),
-            base_url=endpoint.base_url,
-            timeout=endpoint.timeout_s,
-            max_retries=0,
-        )
+        key = api_key_from_env(endpoint.api_key_env)
+        self._clients = [
+            AsyncOpenAI(api_key=key, base_url=url, timeout=endpoint.timeout_s, max_retries=0)
+            for url in endpoint.urls
+        ]
+        self._turn = itertools.count()
+        self._sessions: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.name!r}, base_url={self.endpoint.base_url!r})"
+
+    def _server(self, session: str | None) -> int:
+        """The server of a request: servers are used in turn, one per session (episode), so
+        a server's prefix cache keeps serving the conversation it has seen."""
+        if session is None:
+            return next(self._turn) % len(self._clients)
+        if session not in self._sessions:
+            self._sessions[session] = next(self._turn) % len(self._clients)
+        return self._sessions[session]
 
     def _request(self, messages: list[Message], max_new_tokens: int | None) -> dict[str, Any]:
         request: dict[str, Any] = {
@@ -144,14 +157,16 @@ class OpenAIBackend:
     ) -> Completion:
         """One chat completion, retried on transient failures."""
         request = self._request(messages, max_new_tokens)
+        server = self._server(session)
+        client, url = self._clients[server], self.endpoint.urls[server]
         attempts = self.endpoint.max_retries + 1
         self.stats.requests += 1
         async with self._semaphore:
             for attempt in range(attempts):
                 self.stats.attempts += 1
                 try:
-                    response = await self._client.chat.completions.create(**request)
-                    return self._completion(response)
+                    response = await client.chat.completions.create(**request)
+                    return self._completion(response, url)
                 except Exception as exc:
                     retryable, status = _is_retryable(exc)
                     last = attempt == attempts - 1
@@ -159,8 +174,7 @@ class OpenAIBackend:
                         self.stats.failures += 1
                         why = f"after {attempt + 1} attempts" if retryable else "not retryable"
                         raise EndpointError(
-                            f"{self.endpoint.base_url} model {self.name!r}: "
-                            f"{type(exc).__name__}: {exc} ({why})",
+                            f"{url} model {self.name!r}: {type(exc).__name__}: {exc} ({why})",
                             attempts=attempt + 1,
                             status=status,
                         ) from exc
@@ -170,7 +184,7 @@ class OpenAIBackend:
                     self.stats.retries += 1
                     log.warning(
                         "endpoint %s: %s (attempt %d/%d); retrying in %.2fs",
-                        self.endpoint.base_url,
+                        url,
                         type(exc).__name__,
                         attempt + 1,
                         attempts,
@@ -179,11 +193,11 @@ class OpenAIBackend:
                     await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _completion(self, response: Any) -> Completion:
+    def _completion(self, response: Any, url: str) -> Completion:
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
             shown = response if isinstance(response, str) else type(response).__name__
-            raise NotACompletion(f"not a chat completion: {str(shown)[:80]!r}")
+            raise NotACompletion(f"{url}: not a chat completion: {str(shown)[:80]!r}")
         choice = choices[0]
         usage = response.usage
         prompt_tokens = usage.prompt_tokens if usage else 0
@@ -201,8 +215,10 @@ class OpenAIBackend:
         )
 
     def end_session(self, session: str) -> None:
-        """Nothing is kept per session (servers cache prefixes themselves)."""
+        """Forget which server the session used (servers cache prefixes themselves)."""
+        self._sessions.pop(session, None)
 
     async def aclose(self) -> None:
-        """Close the HTTP client."""
-        await self._client.close()
+        """Close the HTTP clients."""
+        for client in self._clients:
+            await client.close()

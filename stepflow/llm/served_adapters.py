@@ -29,14 +29,22 @@ def adapters_preloaded(llm: LLMConfig) -> bool:
 def load_adapter(
     endpoint: EndpointConfig, name: str, adapter: Path, timeout_s: float = 300
 ) -> None:
-    """Load a LoRA adapter into the server (`POST /v1/load_lora_adapter`); already loaded
-    under this name is fine. The server must run with VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
-    import httpx
-
+    """Load a LoRA adapter into every server of the endpoint (`POST /v1/load_lora_adapter`);
+    already loaded under this name is fine. The servers must run with
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
     path = Path(adapter).resolve()
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no adapter_config.json)")
-    url = endpoint.base_url.rstrip("/") + "/load_lora_adapter"
+    for base_url in endpoint.urls:
+        _load_into(base_url, endpoint, name, path, timeout_s)
+
+
+def _load_into(
+    base_url: str, endpoint: EndpointConfig, name: str, path: Path, timeout_s: float
+) -> None:
+    import httpx
+
+    url = base_url.rstrip("/") + "/load_lora_adapter"
     headers = {"Authorization": f"Bearer {api_key_from_env(endpoint.api_key_env)}"}
     try:
         response = httpx.post(
