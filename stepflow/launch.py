@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stepflow.config import Params
+from stepflow.locking import holds_outputs
 from stepflow.masking import MaskStats
 
 RESULT_FILE = "launch_result.json"
@@ -93,8 +94,10 @@ def train_launched(
     return TrainResult(**data)
 
 
+@holds_outputs("train")
 def train(params: Params, variant: str, **kwargs):
-    """Train a variant in process, or launched in several when `distributed.nproc` > 1."""
+    """Train a variant in process, or launched in several when `distributed.nproc` > 1
+    (holding the run's outputs, see `stepflow.locking`)."""
     from stepflow.training import train_variant, world_size
 
     if params.training.distributed.nproc > 1 and world_size() == 1:

@@ -53,7 +53,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json, atomic_write_text
-from stepflow.locking import holds_outputs
 from stepflow.masking import IGNORE_INDEX, MaskStats, build_examples
 from stepflow.modeling import device, load_model, load_tokenizer, torch_dtype
 from stepflow.provenance import code_version, file_sha256, utc_now
@@ -387,7 +386,6 @@ def _final_loss(history: list[dict[str, Any]]) -> float | None:
     return float(losses[-1]) if losses else None
 
 
-@holds_outputs("train")
 def train_variant(
     params: Params,
     variant: str,
