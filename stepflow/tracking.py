@@ -14,12 +14,13 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from stepflow.config import Params, TrackingConfig
 from stepflow.jsonl import atomic_write_json
+from stepflow.locking import exclusive
 from stepflow.provenance import code_version, file_sha256
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,21 @@ def configure(tracking: TrackingConfig) -> str:
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(tracking.experiment)
-    if experiment is None:
-        location = Path(tracking.artifact_location).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    # runs started at the same time must not both create a new SQLite store (its schema
+    # migration is not concurrency-safe) or both create the experiment
+    guard = nullcontext()
+    if uri.startswith("sqlite:///"):
+        guard = exclusive(Path(uri.removeprefix("sqlite:///") + ".lock"))
+    with guard:
+        experiment = mlflow.get_experiment_by_name(tracking.experiment)
+        if experiment is None:
+            location = Path(tracking.artifact_location).resolve().as_uri()
+            experiment_id = mlflow.create_experiment(
+                tracking.experiment, artifact_location=location
+            )
+        else:
+            experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stepflow.config import load_params, set_by_path
+from stepflow.config import PathsConfig, load_params, set_by_path
 from stepflow.evaluation import eval_paths, evaluate_agent
+from stepflow.locking import outputs_lock
 from stepflow.report import markdown_table
 from stepflow.rollout import EpisodeErrors
 from stepflow.synthesize import synthesize
@@ -221,7 +222,7 @@ def test_killed_training_resumes_from_the_last_checkpoint(workspace: Path) -> No
 
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert f"resumed from checkpoint-{saved}" in " ".join(rerun.stdout.split())
+    assert f"resumed from checkpoint-{saved}" in " ".join((rerun.stdout + rerun.stderr).split())
     card = json.loads(Path("models/golden/stepflow.json").read_text())
     assert card["global_step"] == 6 and card["resumed_from"] == f"checkpoint-{saved}"
     assert [step for step, _ in card["losses"]] == [1, 2, 3, 4, 5, 6]  # none twice, none lost
@@ -366,20 +367,25 @@ def test_concurrent_runs_keep_their_own_outputs(tmp_path: Path, params_file: Pat
         )
 
     first, second = start("a"), start("b")
-    # a third run writing run a's outputs while run a is at work is refused
-    wait_for(lambda: (root / "runs/a/data").is_dir(), first, "run a to start", 300)
-    clash = subprocess.run(
-        [*CLI, "prepare", "-p", "a.yaml", "-S", "env.task_types=[lifespan-shortest-lived]"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
     outputs = [proc.communicate(timeout=900)[0] for proc in (first, second)]
     assert first.returncode == 0, outputs[0][-3000:]
     assert second.returncode == 0, outputs[1][-3000:]
+
+    # a run writing run a's outputs while another process holds them is refused
+    held = PathsConfig(
+        **{p: root / f"runs/a/{p}" for p in ("data", "models", "metrics", "reports")}
+    )
+    with outputs_lock(held, "report"):
+        clash = subprocess.run(
+            [*CLI, "prepare", "-p", "a.yaml", "-S", "env.task_types=[lifespan-shortest-lived]"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert clash.returncode == 2
-    assert "being written by another run" in " ".join(clash.stdout.split())
+    message = " ".join((clash.stdout + clash.stderr).split())
+    assert "being written by another run" in message and f"pid {os.getpid()}" in message
 
     for name, task in runs.items():
         manifest = json.loads((root / f"runs/{name}/data/manifest.json").read_text())

@@ -97,9 +97,21 @@ def _episodes(path: Path) -> dict[str, tuple]:
     return episodes
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Decode on one thread in this process too, as every Dask worker does
+    (OMP_NUM_THREADS=1): float sums in another order can flip a greedy token."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_dask_cluster_gives_the_default_runners_episodes(
-    base_agent_workspace: Path, tmp_path: Path, monkeypatch
+    base_agent_workspace: Path, tmp_path: Path, monkeypatch, one_torch_thread
 ) -> None:
     from stepflow.evaluation import eval_paths, evaluate_agent
     from stepflow.synthesize import synthesize

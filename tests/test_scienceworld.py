@@ -75,3 +75,20 @@ def test_dead_jvm_is_restarted_and_state_restored() -> None:
         assert results[-1].success
         proc = env.java_process()
     assert proc.poll() is not None  # closed: no JVM left behind
+
+
+def test_ambiguous_options_are_listed_sorted() -> None:
+    from stepflow.envs.scienceworld import sorted_choices
+
+    observation = (
+        "Ambiguous request: Please enter the number for the action you intended (or blank "
+        "to cancel):\n0:\tgo door between kitchen and outside\n1:\tgo door between foundry "
+        "and outside"
+    )
+    shown, options = sorted_choices(observation)
+    assert shown.splitlines()[1:] == [
+        "0:\tgo door between foundry and outside",
+        "1:\tgo door between kitchen and outside",
+    ]
+    assert options == ["go door between kitchen and outside", "go door between foundry and outside"]
+    assert sorted_choices("You move to the kitchen.") == ("You move to the kitchen.", None)

@@ -23,12 +23,30 @@ INVALID_OBSERVATIONS = ("No known action matches that input.",)
 # move); stepflow enforces per-task step limits itself, so the JVM limit is set out of reach.
 _JVM_STEP_LIMIT = 100_000
 OfficialSplit = Literal["train", "dev", "test"]
+_AMBIGUOUS = "Ambiguous request"
+_CHOICE = re.compile(r"^(\d+):\s*(.*)$")
 _OBSERVATION_ONLY = re.compile(r"^(look around|look at .+|look in .+|inventory|task|read .+)$")
 
 
 def observation_only(action: str) -> bool:
     """Whether an action only observes (it leaves the world as it was)."""
     return bool(_OBSERVATION_ONLY.match(" ".join(action.lower().split())))
+
+
+def sorted_choices(observation: str) -> tuple[str, list[str] | None]:
+    """An ambiguous-request observation with its options sorted and renumbered, and the
+    options in the simulator's order (None when no option is listed)."""
+    head, options = [], []
+    for line in observation.splitlines():
+        match = _CHOICE.match(line.strip())
+        if match:
+            options.append(match.group(2))
+        elif not options:
+            head.append(line)
+    if not options:
+        return observation, None
+    listed = [f"{n}:\t{text}" for n, text in enumerate(sorted(options))]
+    return "\n".join([*head, *listed]), options
 
 
 class ScienceWorldEnv(TextEnv):
@@ -43,6 +61,7 @@ class ScienceWorldEnv(TextEnv):
         self._sim = None
         self._instance: TaskInstance | None = None
         self._actions: list[str] = []
+        self._choices: list[str] | None = None  # options of an ambiguous request, JVM order
         self._start()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -148,13 +167,14 @@ class ScienceWorldEnv(TextEnv):
 
         self._instance = instance
         self._actions = []
+        self._choices = None
         return self._call(start)
 
     def step(self, action: str) -> StepResult:
         """Execute an action; reward = score / 100, a negative score is a failed task."""
         if self._instance is None:
             raise RuntimeError("step() before reset()")
-        observation, _delta, done, info = self._call(lambda: self._sim.step(action))
+        observation, done, info = self._call(lambda: self._exchange(action))
         self._actions.append(action)
         score = float(info["score"])
         failed = score < 0
@@ -168,6 +188,23 @@ class ScienceWorldEnv(TextEnv):
             valid=observation.strip() not in INVALID_OBSERVATIONS,
             info={"moves": info["moves"]},
         )
+
+    def _exchange(self, action: str) -> tuple[str, bool, dict]:
+        """Send one action to the JVM. The simulator lists the options of an ambiguous
+        request in an order that varies between JVM runs; they are shown sorted, and a
+        numeric answer is translated back to the simulator's numbering, so that episodes
+        are reproducible."""
+        sent = action
+        if self._choices is not None and action.strip().isdigit():
+            picked = int(action.strip())
+            ordered = sorted(self._choices)
+            if picked < len(ordered):
+                sent = str(self._choices.index(ordered[picked]))
+        observation, _delta, done, info = self._sim.step(sent)
+        self._choices = None
+        if observation.startswith(_AMBIGUOUS):
+            observation, self._choices = sorted_choices(observation)
+        return observation, done, info
 
     def valid_actions(self) -> list[str]:
         """The simulator's valid action-object combinations in the current state."""
