@@ -94,6 +94,13 @@ def kill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a stage process: this one's, without the MLflow store an earlier
+    test pointed the process at (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, **extra}
+
+
 def lines(path: Path) -> int:
     return path.read_text().count("\n") if path.is_file() else 0
 
@@ -316,7 +323,7 @@ def test_api_key_is_never_stored(workspace: Path, server: str, tmp_path: Path) -
     )
     clear_faults(server)
     inject(server, status=503)  # a retry is logged too
-    env = {**os.environ, KEY_ENV: KEY, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = child_env(**{KEY_ENV: KEY, "PREFECT_HOME": str(tmp_path / "prefect")})
     result = subprocess.run(
         [*FLOWS, "evaluate", "base"], capture_output=True, text=True, timeout=900, env=env
     )
@@ -353,7 +360,7 @@ def test_concurrent_runs_keep_their_own_outputs(tmp_path: Path, params_file: Pat
         shutil.copy(params_file, target)
         paths = {f"paths.{p}": f"runs/{name}/{p}" for p in ("data", "models", "metrics", "reports")}
         edit_params(target, {**tiny, **paths, "env.task_types": [task]})
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = child_env(PREFECT_HOME=str(tmp_path / "prefect"))
 
     def start(name: str) -> subprocess.Popen:
         return subprocess.Popen(
