@@ -230,6 +230,7 @@ async def rollout(
                         continue
                     log.exception("%s: episode failed", instance.key)
                     errors[instance.key] = f"{type(exc).__name__}: {exc}"
+                    break
             return None, env
 
         async def worker() -> None:

@@ -284,9 +284,11 @@ class FailingReviewer:
 
     def __init__(self, broken: str) -> None:
         self.broken = broken
+        self.raised = 0
 
     async def review(self, ctx: StepContext) -> StepReview | None:
         if ctx.instance.key == self.broken:
+            self.raised += 1
             raise RuntimeError("teacher exploded")
         return None
 
@@ -310,7 +312,9 @@ def test_failed_episode_is_reported_not_written(tmp_path: Path, gold) -> None:
             )
         )
 
-    summary = run(FailingReviewer(instances[0].key))
+    broken = FailingReviewer(instances[0].key)
+    summary = run(broken)
+    assert broken.raised == 1  # only a crashed simulator gets the episode started over
     assert list(summary.errors) == [instances[0].key]
     assert "teacher exploded" in summary.errors[instances[0].key]
     assert (summary.episodes, summary.remaining) == (1, 1)
