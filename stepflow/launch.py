@@ -106,7 +106,7 @@ def train(params: Params, variant: str, **kwargs):
 
 
 def _main(job_dir: Path) -> None:
-    from stepflow.training import train_variant
+    from stepflow.training import main_process, train_variant
 
     job = json.loads((job_dir / "job.json").read_text())
     params = Params.model_validate(job["params"])
@@ -117,7 +117,7 @@ def _main(job_dir: Path) -> None:
         resume=job["resume"],
         work_root=Path(job["work_root"]),
     )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process():
         data = asdict(result)
         data["stats"] = result.stats.as_dict()
         data["output_dir"], data["work_dir"] = str(result.output_dir), str(result.work_dir)

@@ -269,6 +269,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def main_process() -> bool:
+    """Whether this is rank 0 of the training run (the only process that writes files)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def ddp_backend(params: Params) -> str | None:
     """The collective backend of a multi-process run (None when there is one process)."""
     if world_size() == 1:
@@ -428,8 +433,7 @@ def train_variant(
     )
     if not examples:
         raise ValueError(f"variant {variant!r}: no trainable example in {[str(p) for p in files]}")
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
+    if main_process():
         atomic_write_json(work_dir / "token_stats.json", stats.as_dict())
         log_to_active_run(stats.as_dict(), step=0, prefix="data/")
 
