@@ -167,7 +167,10 @@ class EnvConfig(Strict):
     simplification: str = Field(default="easy", description="ScienceWorld only")
     alfworld: AlfworldConfig = AlfworldConfig()
     webshop: WebShopConfig = WebShopConfig()
-    step_limit: PositiveInt = 30
+    step_limit: PositiveInt = Field(
+        default=30,
+        description="turns the agent writes per episode (a teacher's corrections come on top)",
+    )
     step_limits: dict[str, PositiveInt] = Field(
         default_factory=dict, description="per task type, overrides step_limit"
     )
@@ -259,12 +262,20 @@ class RolloutConfig(Strict):
 class SynthesisConfig(Strict):
     """Self-reflected trajectory synthesis on U2."""
 
-    max_corrections: NonNegInt = 5
+    max_corrections: NonNegInt = Field(
+        default=5, description="teacher corrections per episode, on top of the step limit"
+    )
     keep_threshold: UnitInterval = 1.0
-    rewind: Literal["auto", "always", "never"] = Field(
+    min_own_steps: UnitInterval = Field(
+        default=0.0,
+        description="least share of a kept trajectory's turns that are the student's own "
+        "accepted steps",
+    )
+    rewind: Literal["auto", "never"] = Field(
         default="auto",
-        description="restore the environment to before a wrong step before the correction "
-        "runs; auto: when the step lost the task or changed the world (not a pure look)",
+        description="a wrong step that lost the task: auto takes it back (world and "
+        "conversation) before the correction; never stops the episode (not kept). Any "
+        "other wrong step is corrected in the state it left",
     )
 
 

@@ -34,6 +34,7 @@ def to_conversation(trajectory: Trajectory) -> dict[str, Any]:
             "loss": turn.loss if turn.role == "assistant" else None,
             "kind": turn.kind,
             "action": turn.action,
+            **({"score": turn.score} if turn.score is not None else {}),
         }
         for turn in trajectory.turns
     ]
@@ -68,7 +69,12 @@ def from_conversation(record: dict[str, Any], defaults: dict[str, Any] | None = 
         )
         turns.append(
             Turn(
-                role=role, content=entry["value"], kind=kind, loss=loss, action=entry.get("action")
+                role=role,
+                content=entry["value"],
+                kind=kind,
+                loss=loss,
+                action=entry.get("action"),
+                score=entry.get("score"),
             )
         )
     meta = dict(record.get("stepflow") or {})

@@ -1,11 +1,18 @@
 """One episode of a ReAct agent in a text environment, recorded as a Trajectory.
 
 The loop: reset → system + instruction turns → repeat { the policy writes a turn; it is
-parsed; a parsed step is stored normalised ("Thought: ... / Action: ...") and executed,
-an unparseable one is stored verbatim (never trained) and answered with an invalid-output
-observation } until the environment is done or the step limit (assistant turns, including
-corrections) is reached. An optional reviewer may correct any student step (see
-`stepflow.review`).
+parsed; a parsed step is recorded as parsed (its reflection included, "Reflection: ... /
+Thought: ... / Action: ...") and executed; an unparseable turn, or one cut at the generation
+limit (`truncated`, never executed), is stored verbatim (never trained) and answered with an
+invalid-output observation } until the environment is done or the student has written
+`step_limit` turns.
+
+With a reviewer (synthesis) every student step that did not solve the task is judged; a
+wrong one is followed by the teacher's correction (see `stepflow.review`). Corrections come
+on top of the student's step limit, up to `max_corrections`. An episode with a wrong step
+that cannot be corrected — no budget left, no correction offered, a lost task that may not
+be rewound — or whose correction was invalid or lowered the score stops there with a
+`stop_reason`; synthesis never keeps it, so nothing in a kept trajectory went unjudged.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from stepflow.agent.parser import invalid_output_observation, parse_step
+from stepflow.agent.parser import ParsedStep, invalid_output_observation, parse_step
 from stepflow.agent.prompts import (
     format_observation,
     format_reflection,
     format_step,
+    format_turn,
     opening_turns,
     to_messages,
 )
@@ -28,7 +36,7 @@ from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import StepResult, TaskInstance
 from stepflow.llm.base import BackendError, ChatBackend
 from stepflow.review import Reviewer, StepContext, StepReview
-from stepflow.trajectory import EpisodeStats, Provenance, Trajectory, Turn
+from stepflow.trajectory import EpisodeStats, Provenance, StopReason, Trajectory, Turn
 
 if TYPE_CHECKING:
     from stepflow.config import Params
@@ -40,8 +48,9 @@ Source = Literal["rollout", "synthesis", "evaluation"]
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    """How episodes run: step limits (one for all, or per task type), observation clipping,
-    generation length, corrections allowed per episode, and provenance."""
+    """How episodes run: the student's step limit (one for all, or per task type),
+    observation clipping, generation length, corrections allowed per episode on top of the
+    step limit, and provenance."""
 
     step_limit: int | Callable[[str], int] = 30
     max_observation_chars: int | None = None
@@ -84,6 +93,7 @@ class _Episode:
         self.stats = EpisodeStats()
         self.actions: list[str] = []
         self.last: StepResult | None = None
+        self.stop_reason: StopReason | None = None
 
     @property
     def steps(self) -> int:
@@ -97,6 +107,10 @@ class _Episode:
     def done(self) -> bool:
         return self.last is not None and self.last.done
 
+    @property
+    def running(self) -> bool:
+        return not self.done and self.stop_reason is None
+
 
 async def _execute(
     episode: _Episode, env: AsyncEnv, action: str, max_chars: int | None
@@ -106,7 +120,7 @@ async def _execute(
     if not result.valid:
         episode.stats.invalid_actions += 1
     content = format_observation(result.observation, max_chars)
-    episode.turns.append(Turn(role="user", kind="observation", content=content))
+    episode.turns.append(Turn(role="user", kind="observation", content=content, score=result.score))
     episode.last = result
     return result
 
@@ -124,6 +138,24 @@ def _unparsed(message: str, previous: StepResult | None, env: AsyncEnv) -> StepR
     )
 
 
+def _truncated(parsed: ParsedStep, max_new_tokens: int | None) -> ParsedStep:
+    """A turn cut at the generation limit: unparseable, whatever it holds so far."""
+    limit = f" ({max_new_tokens} tokens)" if max_new_tokens else ""
+    return ParsedStep(
+        parsed.thought,
+        None,
+        f"the turn was cut at the generation limit{limit} before it ended",
+        parsed.reflection,
+    )
+
+
+def _mark_erroneous(episode: _Episode, index: int) -> None:
+    student = episode.turns[index]
+    episode.turns[index] = Turn(
+        role="assistant", kind="erroneous_step", content=student.content, action=student.action
+    )
+
+
 async def _apply_review(
     episode: _Episode,
     env: AsyncEnv,
@@ -131,26 +163,50 @@ async def _apply_review(
     previous: StepResult | None,
     settings: RolloutSettings,
 ) -> None:
-    """Turn the reviewed student step into an erroneous step and execute the correction."""
-    student = episode.turns[-2]
-    episode.turns[-2] = Turn(
-        role="assistant", kind="erroneous_step", content=student.content, action=student.action
-    )
-    if student.action is not None and (review.rewind or episode.done):
+    """Handle a step judged wrong: execute the correction in the state the wrong step left
+    (rewinding only a step that lost the task), or stop the episode when it cannot be
+    corrected; a correction that is invalid or lowers the score stops it too."""
+    student_index = len(episode.turns) - 2
+    lost = episode.last is not None and (episode.last.failed or episode.last.done)
+    if review.action is None:
+        episode.stop_reason = "no_correction"
+    elif episode.stats.corrections >= settings.max_corrections:
+        episode.stop_reason = "corrections_exhausted"
+    elif lost and not review.rewind:
+        episode.stop_reason = "unwinnable"
+    if episode.stop_reason is not None:
+        _mark_erroneous(episode, student_index)
+        return
+    assert review.action is not None
+    if lost:
+        # the step made the task unwinnable: take it back, in the world and in the context
         await env.restore(episode.instance, episode.actions[:-1])
         episode.actions.pop()
+        del episode.turns[student_index:]
         episode.last = previous
-    episode.turns.append(
-        Turn(
+        episode.stats.rewinds += 1
+        turn = Turn(
+            role="assistant",
+            kind="step",
+            loss=True,
+            content=format_step(review.thought, review.action),
+            action=review.action,
+        )
+    else:
+        _mark_erroneous(episode, student_index)
+        turn = Turn(
             role="assistant",
             kind="reflection",
             loss=True,
             content=format_reflection(review.reflection, review.thought, review.action),
             action=review.action,
         )
-    )
+    before = episode.last.score if episode.last is not None else env.env.start_score
+    episode.turns.append(turn)
     episode.stats.corrections += 1
-    await _execute(episode, env, review.action, settings.max_observation_chars)
+    result = await _execute(episode, env, review.action, settings.max_observation_chars)
+    if not result.valid or result.failed or result.score < before:
+        episode.stop_reason = "bad_correction"
 
 
 async def run_episode(
@@ -169,18 +225,23 @@ async def run_episode(
     turns = opening_turns(
         instance.env, instruction, first_observation, example, settings.max_observation_chars
     )
+    turns[-1] = turns[-1].model_copy(update={"score": env.env.start_score})
     episode = _Episode(instance, instruction, turns)
     limit = settings.limit_for(instance)
     session = instance.key
     failure = None
     try:
-        while episode.steps < limit and not episode.done:
+        while episode.stats.student_steps < limit and episode.running:
             completion = await backend.complete(
                 to_messages(episode.turns), session=session, max_new_tokens=settings.max_new_tokens
             )
             episode.stats.prompt_tokens += completion.prompt_tokens
             episode.stats.completion_tokens += completion.completion_tokens
+            episode.stats.student_steps += 1
             parsed = parse_step(completion.text)
+            if completion.finish_reason == "length":
+                episode.stats.truncated += 1
+                parsed = _truncated(parsed, settings.max_new_tokens)
             previous = episode.last
             if parsed.ok:
                 assert parsed.action is not None
@@ -189,7 +250,7 @@ async def run_episode(
                         role="assistant",
                         kind="step",
                         loss=True,
-                        content=format_step(parsed.thought, parsed.action),
+                        content=format_turn(parsed),
                         action=parsed.action,
                     )
                 )
@@ -205,14 +266,13 @@ async def run_episode(
                         role="user",
                         kind="observation",
                         content=format_observation(result.observation),
+                        score=result.score,
                     )
                 )
-            if (
-                reviewer is None
-                or result.success
-                or episode.stats.corrections >= settings.max_corrections
-                or episode.steps >= limit
-            ):
+            if reviewer is None:
+                continue
+            if result.success:
+                episode.stats.accepted_steps += 1
                 continue
             context = StepContext(
                 instance=instance,
@@ -230,8 +290,11 @@ async def run_episode(
             )
             episode.stats.teacher_calls += 1
             review = await reviewer.review(context)
-            if review is not None:
-                await _apply_review(episode, env, review, previous, settings)
+            if review is None:
+                episode.stats.accepted_steps += 1
+                continue
+            episode.stats.erroneous_steps += 1
+            await _apply_review(episode, env, review, previous, settings)
     except BackendError as exc:
         # an LLM (student or teacher) that stays unavailable after its retries: the episode
         # is recorded as failed with its cause, up to the last complete step
@@ -255,6 +318,7 @@ async def run_episode(
         num_steps=episode.steps,
         done=episode.done,
         failure=failure,
+        stop_reason=episode.stop_reason,
         stats=episode.stats,
         provenance=Provenance(
             source=settings.source,

@@ -28,6 +28,7 @@ class GoldReplay:
     observations: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     gold_length: int = 0
+    start_score: float = 0.0
 
     @property
     def final_score(self) -> float:
@@ -44,7 +45,9 @@ def replay_gold(env: TextEnv, instance: TaskInstance) -> GoldReplay:
     """Replay the gold sequence of `instance` until the task completes or the sequence ends."""
     instruction, first_observation = env.reset(instance)
     gold = env.gold_actions()
-    replay = GoldReplay(instance, instruction, first_observation, gold_length=len(gold))
+    replay = GoldReplay(
+        instance, instruction, first_observation, gold_length=len(gold), start_score=env.start_score
+    )
     for action in gold:
         result = env.step(action)
         replay.actions.append(action)
@@ -134,8 +137,9 @@ def render_golden(
     turns = opening_turns(
         instance.env, replay.instruction, replay.first_observation, example, max_observation_chars
     )
-    for thought, action, observation in zip(
-        thoughts, replay.actions, replay.observations, strict=True
+    turns[-1] = turns[-1].model_copy(update={"score": replay.start_score})
+    for thought, action, observation, score in zip(
+        thoughts, replay.actions, replay.observations, replay.scores, strict=True
     ):
         turns.append(
             Turn(
@@ -151,6 +155,7 @@ def render_golden(
                 role="user",
                 kind="observation",
                 content=format_observation(observation, max_observation_chars),
+                score=score,
             )
         )
     score = replay.final_score

@@ -106,6 +106,7 @@ class MaskStats:
     max_tokens: int = 0
     per_kind_trained_turns: dict[str, int] = field(default_factory=dict)
     per_kind_masked_turns: dict[str, int] = field(default_factory=dict)
+    per_kind_trained_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def trained_fraction(self) -> float:
@@ -280,6 +281,11 @@ def build_examples(
         if n_trained == 0:
             stats.empty += 1
             continue
+        for span in tokenized.spans:
+            if span.trained and span.start < keep:
+                count = min(span.train_end, keep) - span.start
+                tokens = stats.per_kind_trained_tokens
+                tokens[span.kind] = tokens.get(span.kind, 0) + count
         examples.append({"input_ids": input_ids, "labels": labels})
         stats.kept += 1
         stats.total_tokens += keep

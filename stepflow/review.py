@@ -1,12 +1,17 @@
 """The hook through which a teacher reviews each student step during a rollout.
 
-After every student step (not once the task is solved) the rollout asks the reviewer, while
-the episode has corrections left and the step limit leaves room for one more turn. An
-unparseable turn is reviewed too: its `action` is "" and its result is the invalid-output
-observation with the world unchanged. Each call counts in `stats.teacher_calls`. A returned
-`StepReview` marks the student's turn as an erroneous step (kept as context, never
-trained) and its corrected "Reflection / Thought / Action" turn is executed in its place;
-the correction counts against the step limit and in `stats.corrections`.
+After every student step that did not solve the task the rollout asks the reviewer: every
+student step of a synthesis episode is judged. An unparseable or truncated turn is reviewed
+too: its `action` is "" and its result is the invalid-output observation with the world
+unchanged. Each call counts in `stats.teacher_calls`.
+
+A returned `StepReview` judges the step wrong. With an `action`, the student's turn becomes
+an erroneous step (kept as context, never trained) and the "Reflection / Thought / Action"
+correction is executed in the state the wrong step left. Only a wrong step that made the
+task unwinnable (`rewind=True`) is taken back: the world is restored and the step and its
+observation leave the conversation, so the context always shows the world the agent is in;
+the correction then follows as a plain step. A review without `action` (the teacher has no
+correction to offer) stops the episode, which is then never kept.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ class StepContext:
 
     `turns` ends with the student's assistant turn and its observation; `step_index` is
     the 0-based index of that turn among the assistant turns; `actions` are the actions
-    the environment has executed so far (the reviewed one last). `stats` is the episode's
-    live counters (a reviewer may count e.g. `teacher_fallbacks` there). `env` may be
-    queried (`await ctx.env.valid_actions()`) but must not be stepped.
+    the environment has executed so far (the reviewed one last); observation turns carry
+    the score after their action. `stats` is the episode's live counters (a reviewer may count e.g.
+    `teacher_fallbacks` there). `env` may be queried (`await ctx.env.valid_actions()`) but
+    must not be stepped.
     """
 
     instance: TaskInstance
@@ -46,22 +52,22 @@ class StepContext:
 
 @dataclass(frozen=True)
 class StepReview:
-    """A correction of the reviewed step.
+    """The verdict "wrong" on the reviewed step, with its correction when there is one.
 
-    `rewind=True` restores the environment to its state before the erroneous step before
-    the correction runs (e.g. after a wrong "focus on", which ends the task). A step that
-    ended the episode is always rewound: a finished episode cannot go on.
+    `rewind=True` (only for a step that lost the task or ended the episode) restores the
+    world to before the step and takes the step out of the conversation.
     """
 
     reflection: str
     thought: str
-    action: str
+    action: str | None
     rewind: bool = False
+    reason: str | None = None
 
 
 @runtime_checkable
 class Reviewer(Protocol):
-    """Judges student steps; returns a correction, or None when the step is fine."""
+    """Judges student steps; returns a StepReview for a wrong step, None for a good one."""
 
     async def review(self, ctx: StepContext) -> StepReview | None:
         """Review the latest student step."""

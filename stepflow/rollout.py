@@ -70,6 +70,7 @@ class RolloutSummary:
     success_rate: float = 0.0
     steps: int = 0
     parse_failures: int = 0
+    truncated: int = 0
     invalid_actions: int = 0
     corrections: int = 0
     teacher_calls: int = 0
@@ -115,6 +116,7 @@ def summarize(
         success_rate=sum(t.success for t in trajectories) / count if count else 0.0,
         steps=sum(t.num_steps for t in trajectories),
         parse_failures=sum(t.stats.parse_failures for t in trajectories),
+        truncated=sum(t.stats.truncated for t in trajectories),
         invalid_actions=sum(t.stats.invalid_actions for t in trajectories),
         corrections=sum(t.stats.corrections for t in trajectories),
         teacher_calls=sum(t.stats.teacher_calls for t in trajectories),

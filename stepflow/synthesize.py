@@ -2,8 +2,11 @@
 
 The base agent (the `init_sft` adapter on the student model) acts on the U2 instances; after
 every student step the teacher judges it against the instance's golden trajectory, and a
-wrong step is followed by the teacher's executed "Reflection / Thought / Action" turn. Kept
-are the trajectories whose final reward reaches `synthesis.keep_threshold`.
+wrong step is followed by the teacher's executed "Reflection / Thought / Action" turn. Every
+student step is judged; an episode with a step that could not be corrected stops there.
+Kept are the trajectories that were not stopped, whose final reward reaches
+`synthesis.keep_threshold` and whose share of the student's own accepted steps reaches
+`synthesis.min_own_steps`; the others are counted by reason.
 
 Outputs (in `paths.data`): `reflected.jsonl` and `synthesis_stats.json`. Episodes land in a
 work log as they finish, so a killed run resumes where it stopped.
@@ -12,9 +15,10 @@ work log as they finish, so a killed run resumes where it stopped.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from statistics import mean
+from statistics import mean, quantiles
 
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json
@@ -56,6 +60,15 @@ class SynthesisSummary:
     env_restarts: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    dropped_by: dict[str, int] = field(default_factory=dict)
+    accepted_turns: int = 0
+    erroneous_turns: int = 0
+    reflection_turns: int = 0
+    teacher_steps: int = 0
+    truncated_turns: int = 0
+    accepted_share: float = 0.0
+    reflection_token_share: float | None = None
+    own_fraction: dict[str, float] = field(default_factory=dict)
 
     @property
     def keep_rate(self) -> float:
@@ -78,9 +91,65 @@ def base_agent_adapter(params: Params) -> Path | None:
     return path
 
 
-def kept(trajectories: list[Trajectory], threshold: float) -> list[Trajectory]:
-    """Trajectories whose final reward reaches the threshold (and that did not fail)."""
-    return [t for t in trajectories if t.reward >= threshold and t.failure is None]
+def drop_reason(trajectory: Trajectory, threshold: float, min_own_steps: float = 0.0) -> str | None:
+    """Why a synthesized trajectory is not kept (None: it is kept)."""
+    if trajectory.failure is not None:
+        return "failed"
+    if trajectory.stop_reason is not None:
+        return trajectory.stop_reason
+    if trajectory.reward < threshold:
+        return "below_threshold"
+    if trajectory.own_fraction < min_own_steps:
+        return "few_own_steps"
+    return None
+
+
+def kept(
+    trajectories: list[Trajectory], threshold: float, min_own_steps: float = 0.0
+) -> list[Trajectory]:
+    """Trajectories that were not stopped or failed, reach the reward threshold and hold at
+    least `min_own_steps` of the student's own accepted steps."""
+    return [t for t in trajectories if drop_reason(t, threshold, min_own_steps) is None]
+
+
+def own_fraction_summary(trajectories: list[Trajectory]) -> dict[str, float]:
+    """Distribution of the own-step share over trajectories (min, quartiles, max, mean)."""
+    values = sorted(t.own_fraction for t in trajectories)
+    if not values:
+        return {}
+    quartiles = quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {
+        "min": round(values[0], 4),
+        "p25": round(quartiles[0], 4),
+        "median": round(quartiles[1], 4),
+        "p75": round(quartiles[2], 4),
+        "max": round(values[-1], 4),
+        "mean": round(mean(values), 4),
+    }
+
+
+def reflection_token_share(trajectories: list[Trajectory], params: Params) -> float | None:
+    """Share of the trained tokens (partial masking) that lie in reflection turns."""
+    if not trajectories:
+        return None
+    from stepflow.embedded import resolve_model
+    from stepflow.masking import build_examples
+    from stepflow.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model(params.student.model))
+    _, stats = build_examples(
+        trajectories,
+        tokenizer,
+        mask_erroneous=True,
+        max_seq_len=params.training.max_seq_len,
+        truncation=params.training.truncation,
+    )
+    trained = sum(stats.per_kind_trained_tokens.values())
+    return stats.per_kind_trained_tokens.get("reflection", 0) / trained if trained else None
+
+
+def _count_kind(trajectories: list[Trajectory], kind: str) -> int:
+    return sum(1 for t in trajectories for turn in t.turns if turn.kind == kind)
 
 
 @holds_outputs("synthesize")
@@ -129,8 +198,14 @@ def synthesize(
     result.raise_for_failures("synthesis", params.rollout.max_failed_fraction)
     wanted = {i.key for i in instances}
     episodes = [t for t in read_trajectories(work_log) if t.key in wanted]
-    keep = kept(episodes, params.synthesis.keep_threshold)
+    threshold, min_own = params.synthesis.keep_threshold, params.synthesis.min_own_steps
+    keep = kept(episodes, threshold, min_own)
     write_trajectories(data_dir / "reflected.jsonl", keep)
+    dropped_by = Counter(
+        reason for t in episodes if (reason := drop_reason(t, threshold, min_own)) is not None
+    )
+    accepted_turns = sum(t.stats.accepted_steps for t in keep)
+    assistant_turns = sum(t.num_steps for t in keep)
     corrections = [t.stats.corrections for t in episodes]
     stats = run.teacher_stats or TeacherStats()
     teacher = run.teacher or next(
@@ -159,6 +234,15 @@ def synthesize(
         env_restarts=result.env_restarts,
         failures=result.failures,
         reasons=dict(stats.reasons),
+        dropped_by=dict(sorted(dropped_by.items())),
+        accepted_turns=accepted_turns,
+        erroneous_turns=_count_kind(keep, "erroneous_step"),
+        reflection_turns=_count_kind(keep, "reflection"),
+        teacher_steps=sum(t.stats.rewinds for t in keep),
+        truncated_turns=sum(t.stats.truncated for t in episodes),
+        accepted_share=round(accepted_turns / assistant_turns, 4) if assistant_turns else 0.0,
+        reflection_token_share=reflection_token_share(keep, params),
+        own_fraction=own_fraction_summary(keep),
     )
     atomic_write_json(data_dir / "synthesis_stats.json", summary.as_dict())
     return summary

@@ -28,6 +28,11 @@ Role = Literal["system", "user", "assistant"]
 TurnKind = Literal["system", "instruction", "observation", "step", "erroneous_step", "reflection"]
 ASSISTANT_KINDS = ("step", "erroneous_step", "reflection")
 Split = Literal["train", "u1", "u2", "dev", "test"]
+# Why synthesis stopped an episode before its end (such a trajectory is never kept): a wrong
+# step with no correction budget left, a wrong step the teacher had no correction for, a
+# correction that was invalid or lowered the score, a wrong step that lost the task when
+# rewinding is off.
+StopReason = Literal["corrections_exhausted", "no_correction", "bad_correction", "unwinnable"]
 
 
 class _Record(BaseModel):
@@ -35,13 +40,17 @@ class _Record(BaseModel):
 
 
 class Turn(_Record):
-    """One chat turn. `action` is the action parsed from (and executed for) an assistant turn."""
+    """One chat turn. `action` is the action parsed from (and executed for) an assistant turn;
+    `score` is the environment's score after that action, on the observation turn answering it
+    (on the instruction turn: the score at the start; None where unknown, e.g. imported
+    data). Prompts never show it."""
 
     role: Role
     content: str
     kind: TurnKind
     loss: bool = False
     action: str | None = None
+    score: float | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Turn:
@@ -53,14 +62,27 @@ class Turn(_Record):
             raise ValueError("only assistant turns can carry loss")
         if self.loss and self.kind == "erroneous_step":
             raise ValueError("an erroneous_step is never trained (loss must be false)")
+        if self.score is not None and self.kind not in ("instruction", "observation"):
+            raise ValueError("only instruction and observation turns carry a score")
         return self
 
 
 class EpisodeStats(_Record):
-    """Counters of one episode."""
+    """Counters of one episode.
+
+    `student_steps` are the turns the student generated (the step limit counts these);
+    with a teacher, each is judged and ends up `accepted_steps` or `erroneous_steps`.
+    `truncated` turns stopped at the generation limit (never executed). `rewinds` are wrong
+    steps taken back because they made the task unwinnable (removed from the conversation).
+    """
 
     parse_failures: int = 0
+    truncated: int = 0
     invalid_actions: int = 0
+    student_steps: int = 0
+    accepted_steps: int = 0
+    erroneous_steps: int = 0
+    rewinds: int = 0
     corrections: int = 0
     teacher_calls: int = 0
     teacher_fallbacks: int = 0
@@ -98,6 +120,7 @@ class Trajectory(_Record):
     num_steps: int = Field(ge=0)
     done: bool = True
     failure: str | None = None
+    stop_reason: StopReason | None = None
     stats: EpisodeStats = Field(default_factory=EpisodeStats)
     provenance: Provenance
 
@@ -127,6 +150,11 @@ class Trajectory(_Record):
     def assistant_turns(self) -> list[Turn]:
         """The assistant turns in order."""
         return [t for t in self.turns if t.role == "assistant"]
+
+    @property
+    def own_fraction(self) -> float:
+        """Share of the assistant turns that are the student's own accepted steps."""
+        return self.stats.accepted_steps / self.num_steps if self.num_steps else 0.0
 
 
 def instance_key(env: str, task_type: str, variation: int) -> str:

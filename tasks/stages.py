@@ -113,6 +113,8 @@ def synthesize_task(params: Params) -> dict[str, Any]:
     summary = synthesize(params, shard_map=shard_map(params)).as_dict()
     tracking.log_dataset(Path(params.paths.data) / "reflected.jsonl", "reflected", "synthesis")
     numeric = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+    for group in ("dropped_by", "own_fraction"):
+        numeric.update({f"{group}_{k}": v for k, v in summary[group].items()})
     tracking.log_metrics({f"synthesis_{k}": v for k, v in numeric.items()})
     _table("synthesize", numeric, "Self-reflected trajectory synthesis")
     return summary

@@ -37,15 +37,20 @@ class GoldPolicy:
     gold: dict[str, list[str]]
     mistakes: dict[int, str] = field(default_factory=dict)
     garbage: dict[int, str] = field(default_factory=dict)
+    cut: dict[int, str] = field(default_factory=dict)
     name: str = "scripted-gold"
     ended: list[str] = field(default_factory=list)
+    prompts: list[list[dict[str, str]]] = field(default_factory=list)
 
     async def complete(self, messages, *, session=None, max_new_tokens=None) -> Completion:
+        self.prompts.append([dict(m) for m in messages])
         gold = self.gold[session]
         said = [m["content"] for m in messages if m["role"] == "assistant"]
         turn = len(said)
         if turn in self.garbage:
             return Completion(self.garbage[turn], prompt_tokens=10, completion_tokens=3)
+        if turn in self.cut:  # stopped by the generation limit mid-turn
+            return Completion(self.cut[turn], 10, 64, finish_reason="length")
         if turn in self.mistakes:
             text = format_step("This looks right.", self.mistakes[turn])
             return Completion(text, prompt_tokens=10, completion_tokens=5)
@@ -73,14 +78,16 @@ class GoldReviewer:
     rewind: bool = False
     name: str = "scripted-teacher"
     seen: list[StepContext] = field(default_factory=list)
+    also_fix: tuple[int, ...] = ()
+    correction: str | None = None
 
     async def review(self, ctx: StepContext) -> StepReview | None:
         self.seen.append(ctx)
-        if ctx.step_index != self.fix_step:
+        if ctx.step_index != self.fix_step and ctx.step_index not in self.also_fix:
             return None
         valid = await ctx.env.valid_actions()
         assert valid, "the reviewer can query the environment"
-        action = self.gold[ctx.instance.key][len(ctx.actions) - 1]
+        action = self.correction or self.gold[ctx.instance.key][len(ctx.actions) - 1]
         return StepReview(
             reflection=f"'{ctx.action}' was a mistake.",
             thought=f"I should {action} instead.",
@@ -199,19 +206,69 @@ def test_correction_without_rewind(env, gold) -> None:
     assert context.actions == [actions[0], "go to kitchen"]
 
 
-def test_corrections_are_capped(env, gold) -> None:
+def test_every_student_step_is_judged_and_counted(env, gold) -> None:
+    actions = gold[FIND.key]
     reviewer = GoldReviewer(gold, fix_step=1)
     policy = GoldPolicy(gold, mistakes={1: "go to kitchen"})
     trajectory = episode(env, FIND, policy, reviewer, corrections=1)
-    assert trajectory.stats.corrections == 1
-    assert trajectory.stats.teacher_calls == 2
+    stats = trajectory.stats
+    assert trajectory.success and trajectory.stop_reason is None
+    # the mistake plus every gold step but the one the correction did
+    assert stats.student_steps == len(actions)
+    # the winning step needs no judge; every other student step was judged
+    assert stats.teacher_calls == stats.student_steps - 1
+    assert (stats.erroneous_steps, stats.accepted_steps) == (1, stats.student_steps - 1)
+    assert stats.corrections == 1
+    assert trajectory.own_fraction == stats.accepted_steps / trajectory.num_steps
+
+
+def test_corrections_come_on_top_of_the_step_limit(env, gold) -> None:
+    """A limit of exactly the gold length leaves room for a mistake and its correction."""
+    actions = gold[FIND.key]
+    policy = GoldPolicy(gold, mistakes={1: "go to kitchen"})
+    reviewer = GoldReviewer(gold, fix_step=1)
+    trajectory = episode(env, FIND, policy, reviewer, limit=len(actions), corrections=1)
     assert trajectory.success
+    assert trajectory.stats.student_steps == len(actions)
+    assert trajectory.num_steps == len(actions) + 1
+
+
+def test_a_wrong_step_past_the_correction_budget_stops_the_episode(env, gold) -> None:
+    policy = GoldPolicy(gold, mistakes={1: "go to kitchen", 3: "go to kitchen"})
+    reviewer = GoldReviewer(gold, fix_step=1, also_fix=(3,))
+    trajectory = episode(env, FIND, policy, reviewer, corrections=1)
+    assert trajectory.stop_reason == "corrections_exhausted" and not trajectory.success
+    assert kinds(trajectory)[-1] == ("erroneous_step", False)  # never trained, never corrected
+    assert trajectory.stats.corrections == 1 and trajectory.stats.erroneous_steps == 2
+    assert trajectory.stats.student_steps == 3  # nothing ran after it
+
+
+def test_an_invalid_correction_stops_the_episode(env, gold) -> None:
+    policy = GoldPolicy(gold, mistakes={1: "go to kitchen"})
+    reviewer = GoldReviewer(gold, fix_step=1, correction="fly to the moon")
+    trajectory = episode(env, FIND, policy, reviewer)
+    assert trajectory.stop_reason == "bad_correction"
+    assert trajectory.turns[-1].content == "Observation: No known action matches that input."
+
+
+class NoCorrection:
+    """Judges every step wrong without a correction to offer."""
+
+    async def review(self, ctx: StepContext) -> StepReview | None:
+        return StepReview(reflection="", thought="", action=None)
+
+
+def test_a_wrong_step_without_correction_stops_the_episode(env, gold) -> None:
+    trajectory = episode(env, FIND, GoldPolicy(gold), NoCorrection())
+    assert trajectory.stop_reason == "no_correction"
+    assert kinds(trajectory) == [("erroneous_step", False)]
 
 
 @pytest.mark.parametrize("rewind", [True, False])
-def test_terminal_mistake_is_rewound(env, gold, rewind) -> None:
-    """A wrong "focus on" loses the task; the correction runs in the restored world (a step
-    that ended the episode is rewound even when the review does not ask for it)."""
+def test_a_lost_task_is_rewound_in_world_and_conversation(env, gold, rewind) -> None:
+    """A wrong "focus on" loses the task. Rewound: the step and its observation leave the
+    conversation and the teacher's step runs in the restored world. Not rewound: the
+    episode stops (a finished task cannot go on) and is never kept."""
     actions = gold[LIFESPAN.key]
     focus = next(i for i, a in enumerate(actions) if a.startswith("focus on"))
     policy = GoldPolicy(gold, mistakes={focus: "focus on air"})
@@ -219,32 +276,62 @@ def test_terminal_mistake_is_rewound(env, gold, rewind) -> None:
     trajectory = episode(env, LIFESPAN, policy, reviewer)
     failed = reviewer.seen[-1].result
     assert failed.failed and failed.done and failed.score < 0
-    assert trajectory.success and trajectory.score == 100 and trajectory.done
-    assert kinds(trajectory)[focus:] == [("erroneous_step", False), ("reflection", True)]
-    wrong = trajectory.assistant_turns()[focus]
-    assert trajectory.turns[trajectory.turns.index(wrong) + 1].content == (
-        "Observation: You focus on the air."
-    )
-    assert trajectory.num_steps == focus + 2
+    contents = [t.content for t in trajectory.turns]
+    if rewind:
+        assert trajectory.success and trajectory.score == 100 and trajectory.done
+        assert kinds(trajectory)[focus] == ("step", True)
+        assert trajectory.assistant_turns()[focus].action == actions[focus]
+        assert "Observation: You focus on the air." not in contents
+        assert not any("focus on air" in c for c in contents)
+        assert trajectory.stats.rewinds == 1 and trajectory.stats.erroneous_steps == 1
+        assert trajectory.num_steps == focus + 1  # the teacher's focus solved the task
+    else:
+        assert trajectory.stop_reason == "unwinnable" and not trajectory.success
+        assert kinds(trajectory)[-1] == ("erroneous_step", False)
+        assert contents[-1] == "Observation: You focus on the air."
 
 
 @pytest.mark.parametrize("rewind", [True, False])
-def test_rewind_restores_the_world(env, gold, rewind) -> None:
-    """Closing the door just opened: only a rewound world lets the corrected step through."""
+def test_a_correction_runs_in_the_state_the_wrong_step_left(env, gold, rewind) -> None:
+    """Closing the door just opened does not lose the task: it is not rewound, whatever the
+    review asks, so the correction meets the closed door the conversation shows."""
     actions = gold[FIND.key]
     assert actions[:2] == ["open door to hallway", "go to hallway"]
     policy = GoldPolicy(gold, mistakes={1: "close door to hallway"})
     reviewer = GoldReviewer(gold, fix_step=1, rewind=rewind)
-    trajectory = episode(env, FIND, policy, reviewer, limit=len(actions) + 1)
-    reflection = trajectory.assistant_turns()[2]
+    trajectory = episode(env, FIND, policy, reviewer, limit=3)
+    wrong, reflection = trajectory.assistant_turns()[1:3]
+    assert wrong.kind == "erroneous_step" and wrong.action == "close door to hallway"
     assert reflection.kind == "reflection" and reflection.action == "go to hallway"
     observation = trajectory.turns[trajectory.turns.index(reflection) + 1].content
-    if rewind:
-        assert "You move to the hallway" in observation
-        assert trajectory.success
-    else:
-        assert observation == "Observation: The door is not open."
-        assert not trajectory.success
+    assert observation == "Observation: The door is not open."
+    assert trajectory.stats.rewinds == 0
+
+
+def test_turns_are_recorded_as_the_agent_wrote_them(env, gold) -> None:
+    """An agent's own reflection stays in its turn, so the next prompt holds what it said."""
+    said = (
+        "Reflection: I went the wrong way.\n"
+        "Thought: The hallway first.\n"
+        "Action: open door to hallway"
+    )
+    policy = GoldPolicy(gold, garbage={0: said})
+    trajectory = episode(env, FIND, policy, limit=2)
+    first = trajectory.assistant_turns()[0]
+    assert first.content == said and first.kind == "step" and first.loss
+    assert policy.prompts[1][-2] == {"role": "assistant", "content": said}
+
+
+def test_a_turn_cut_at_the_generation_limit_is_never_executed(env, gold) -> None:
+    """`focus on orange` cut from `focus on orange juice` could lose the task."""
+    policy = GoldPolicy(gold, cut={0: "Thought: I know the answer.\nAction: focus on orange"})
+    trajectory = episode(env, FIND, policy, limit=2)
+    first = trajectory.assistant_turns()[0]
+    assert first.action is None and not first.loss
+    observation = trajectory.turns[trajectory.turns.index(first) + 1].content
+    assert observation.startswith("Observation: Invalid output: the turn was cut at the")
+    assert trajectory.stats.truncated == 1 and trajectory.stats.parse_failures == 1
+    assert trajectory.assistant_turns()[1].action == gold[FIND.key][0]
 
 
 def test_stop_and_resume_gives_each_instance_once(tmp_path: Path, gold) -> None:
@@ -377,3 +464,50 @@ def test_jvm_killed_mid_episode_is_rerun(tmp_path: Path, gold, max_restarts: int
         assert (trajectory.reward, trajectory.success) == (expected.reward, expected.success)
     in_env = killed[instances[1].key].stats.env_restarts
     assert in_env == (1 if max_restarts else 0)
+
+
+@dataclass
+class Recorder:
+    """Passes every call to the real model and keeps the prompt token ids it was fed."""
+
+    inner: object
+    scripted: dict[int, str] = field(default_factory=dict)
+    prompts: list[list[int]] = field(default_factory=list)
+    name: str = "embedded"
+
+    async def complete(self, messages, *, session=None, max_new_tokens=None) -> Completion:
+        self.prompts.append(self.inner.encode(messages))
+        turn = sum(1 for m in messages if m["role"] == "assistant")
+        if turn in self.scripted:
+            return Completion(self.scripted[turn], 0, 0)
+        return await self.inner.complete(messages, session=session, max_new_tokens=max_new_tokens)
+
+    def end_session(self, session: str) -> None:
+        self.inner.end_session(session)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_the_agent_is_prompted_with_exactly_what_training_feeds(env, gold, embedded_dir):
+    """For every turn of an episode of the real model (one turn scripted: a reflection), the
+    prompt token ids at inference equal the training row's ids up to that turn."""
+    from stepflow.config import GenerationConfig
+    from stepflow.llm.local import LocalBackend
+    from stepflow.masking import tokenize_trajectory
+
+    model = LocalBackend("embedded", generation=GenerationConfig(max_new_tokens=16))
+    reflection = (
+        "Reflection: I skipped the hallway.\nThought: Through the hallway.\n"
+        "Action: open door to hallway"
+    )
+    recorder = Recorder(model, scripted={1: reflection})
+    try:
+        trajectory = episode(env, FIND, recorder, limit=3)
+    finally:
+        asyncio.run(model.aclose())
+    assert trajectory.assistant_turns()[1].content == reflection
+    tokenized = tokenize_trajectory(trajectory, model.tokenizer)
+    assert len(tokenized.spans) == len(recorder.prompts) == 3
+    for span, prompt in zip(tokenized.spans, recorder.prompts, strict=True):
+        assert prompt == tokenized.input_ids[: span.start], f"turn {span.turn_index}"

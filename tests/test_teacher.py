@@ -23,7 +23,7 @@ from stepflow.synthesize import synthesize
 from stepflow.teacher import templates
 from stepflow.teacher.base import StepFacts
 from stepflow.teacher.llm import LLMTeacher, MalformedAnswer, parse_answer
-from stepflow.teacher.reference import ReferenceTeacher, align, gold_steps
+from stepflow.teacher.reference import Alignment, ReferenceTeacher, gold_steps
 from stepflow.teacher.reviewer import TeacherReviewer, should_rewind
 from stepflow.trajectory import Trajectory, read_trajectories
 from tests.test_trajectory_io import make_trajectory
@@ -112,14 +112,22 @@ def _facts(
     )
 
 
+def _position(actions: list[str]) -> int:
+    return Alignment("scienceworld", gold_steps(_reference(GOLD))).position(
+        _facts("x", actions).history
+    )
+
+
 def test_alignment_skips_unneeded_gold_steps() -> None:
     gold = gold_steps(_reference(GOLD))
     assert [g.action for g in gold] == GOLD
     assert gold[0].thought == "why open door to kitchen"
-    assert align(gold, []) == 0
-    assert align(gold, ["go to kitchen"]) == 2  # the open door was not needed
-    assert align(gold, ["go to kitchen", "look at chair", "look around"]) == 3
-    assert align(gold, GOLD) == len(GOLD)
+    assert _position([]) == 0
+    assert _position(["go to kitchen"]) == 2  # the open door was not needed
+    assert _position(["go to kitchen", "look at chair", "look around"]) == 3
+    assert _position(GOLD) == len(GOLD)
+    # a generic action matches only the next reference step, never one further on
+    assert _position(["look around"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -141,9 +149,7 @@ def test_reference_verdicts(facts, reason) -> None:
     assert judgment.reason == reason
     assert judgment.correct is (reason is None)
     if reason is not None:
-        position = align(
-            gold_steps(_reference(GOLD)), [t.action for t in facts.history if t.role == "assistant"]
-        )
+        position = _position([t.action for t in facts.history if t.role == "assistant"])
         assert judgment.action == GOLD[position]
         assert judgment.thought == f"why {GOLD[position]}"
         assert facts.action in judgment.reflection and judgment.action in judgment.reflection
@@ -155,10 +161,9 @@ def test_rewind_policy() -> None:
     move = _facts("go to bathroom", [])
     lost = _facts("focus on air", [], failed=True)
     assert not should_rewind("auto", look)
-    assert should_rewind("auto", move)
-    assert should_rewind("never", lost)  # a finished episode cannot go on
-    assert not should_rewind("never", move)
-    assert should_rewind("always", look)
+    assert not should_rewind("auto", move)  # corrected in the state the step left
+    assert should_rewind("auto", lost)  # only a lost task is taken back
+    assert not should_rewind("never", lost)
 
 
 def test_templates_are_versioned_files() -> None:

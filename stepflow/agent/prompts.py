@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
+from stepflow.agent.parser import ParsedStep
 from stepflow.trajectory import Trajectory, Turn
 
 OBSERVATION_PREFIX = "Observation: "
@@ -35,6 +36,16 @@ def format_step(thought: str | None, action: str) -> str:
 def format_reflection(reflection: str, thought: str | None, action: str) -> str:
     """A teacher's correction turn: `Reflection: ...` then the corrected step."""
     return f"Reflection: {reflection.strip()}\n{format_step(thought, action)}"
+
+
+def format_turn(parsed: ParsedStep) -> str:
+    """A parsed agent turn as recorded: `Reflection: ...` (when the agent wrote one), then
+    the step. The recorded turn is the context of the agent's next prompt, so it keeps
+    everything the agent said that training teaches it to say."""
+    assert parsed.action is not None, "only a parsed step with an action is recorded"
+    if parsed.reflection:
+        return format_reflection(parsed.reflection, parsed.thought, parsed.action)
+    return format_step(parsed.thought, parsed.action)
 
 
 def format_observation(observation: str, max_chars: int | None = None) -> str:

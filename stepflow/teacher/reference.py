@@ -1,83 +1,146 @@
 """The reference teacher: judges by the golden trajectory and the environment's answer.
 
-A student step is wrong when the action was invalid, lost the task or the score, or did not
-make progress where the reference would (it is neither the reference's next action — or one
-of the next few, skipping steps that turned out unnecessary — nor raised the score). The
-correction is the reference's next action with the reference's thought; the reflection is a
-deterministic template or, optionally, written by an LLM from the same facts.
+The order of the checks:
+1. A step that is unparseable, invalid, lost the task or lowered the score is wrong,
+   whatever it matches.
+2. A step is right when it is the reference's next action, in any wording the simulator
+   reads the same way (case, spacing, articles and final punctuation do not matter); or
+   one of the next few reference actions (skipping steps that turned out unnecessary, such
+   as opening a door that is already open) — but only an action the reference does once
+   and that changes the world: a generic or repeatable action (`look around`, `go to
+   hallway`) matches only the next reference step; or a valid step that raised the score.
+3. Anything else made no progress where the reference would: wrong.
 
-Alignment with the reference is recomputed from the history at every call, so the teacher
-keeps no per-episode state and is safe for concurrent episodes and resumed runs.
+The correction is the reference's next action with the reference's thought; the reflection
+is a deterministic template or, optionally, written by an LLM from the same facts. When the
+reference has no step left to propose, a wrong step gets no correction (the episode stops).
+
+The position in the reference follows the accepted steps of the history: a matched step
+moves it past the matched reference step; a valid step that raised the score moves it past
+the first reference step that reached exactly that score, or up to the first that went
+beyond it (observation turns carry the score). It is
+recomputed from the history at every call, so the teacher keeps no per-episode state and is
+safe for concurrent episodes and resumed runs.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from stepflow.agent.parser import parse_step
 from stepflow.agent.prompts import OBSERVATION_PREFIX
+from stepflow.envs import observation_only
 from stepflow.llm.base import ChatBackend
 from stepflow.teacher import templates
 from stepflow.teacher.base import Judgment, Reason, StepFacts, TeacherStats
 from stepflow.trajectory import Trajectory, Turn
 
 LOOKAHEAD = 3
+_ARTICLES = re.compile(r"\b(?:the|a|an)\b")
+_WAIT = re.compile(r"^wait\d*$")
 
 
 @dataclass(frozen=True)
 class GoldStep:
-    """One step of the reference trajectory."""
+    """One step of the reference trajectory; `score` is the score after it (None: unknown)."""
 
     thought: str | None
     action: str
+    score: float | None = None
 
 
 def normalise(action: str) -> str:
-    """Canonical form of an action for comparison."""
-    return re.sub(r"\s+", " ", action.strip().lower())
+    """Canonical form of an action for comparison: lower case, no articles, single spaces,
+    no final punctuation (wordings the simulator reads as the same command)."""
+    text = action.strip().lower().rstrip(".!?;,")
+    text = _ARTICLES.sub(" ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _steps_with_scores(turns: list[Turn]) -> list[tuple[Turn, float | None]]:
+    """Assistant turns with an executed action, each with the score its observation holds."""
+    pairs = []
+    for index, turn in enumerate(turns):
+        if turn.role != "assistant" or turn.action is None:
+            continue
+        following = turns[index + 1] if index + 1 < len(turns) else None
+        score = following.score if following is not None and following.role == "user" else None
+        pairs.append((turn, score))
+    return pairs
 
 
 def gold_steps(reference: Trajectory) -> list[GoldStep]:
-    """The reference's steps (thought, action) in order."""
-    steps = []
-    for turn in reference.assistant_turns():
-        if turn.kind == "erroneous_step" or turn.action is None:
-            continue
-        steps.append(GoldStep(parse_step(turn.content).thought, turn.action))
-    return steps
-
-
-def executed_actions(history: list[Turn]) -> list[str]:
-    """Actions of the accepted steps in a history (erroneous steps excluded)."""
+    """The reference's steps (thought, action, score after it) in order."""
     return [
-        t.action
-        for t in history
-        if t.role == "assistant" and t.kind != "erroneous_step" and t.action is not None
+        GoldStep(parse_step(turn.content).thought, turn.action, score)
+        for turn, score in _steps_with_scores(reference.turns)
+        if turn.kind != "erroneous_step" and turn.action is not None
     ]
 
 
-def match_ahead(gold: list[GoldStep], position: int, action: str) -> int | None:
-    """Index of the gold step within the lookahead window that `action` matches."""
-    wanted = normalise(action)
-    for index in range(position, min(position + LOOKAHEAD + 1, len(gold))):
-        if normalise(gold[index].action) == wanted:
-            return index
-    return None
+def start_score(turns: list[Turn]) -> float | None:
+    """The score before the first action (on the instruction turn), when recorded."""
+    return next((t.score for t in turns if t.kind == "instruction"), None)
 
 
-def align(gold: list[GoldStep], actions: list[str]) -> int:
-    """Position in the reference after the accepted actions (the next gold step to do)."""
-    position = 0
-    for action in actions:
-        matched = match_ahead(gold, position, action)
-        if matched is not None:
-            position = matched + 1
-    return position
+def _generic(env: str, action: str) -> bool:
+    return observation_only(env, action) or bool(_WAIT.match(normalise(action)))
 
 
-def verdict_reason(facts: StepFacts, gold: list[GoldStep], position: int) -> Reason | None:
-    """Why the latest step is wrong, or None when it is fine."""
+class Alignment:
+    """Which reference step comes next, given the accepted steps so far."""
+
+    def __init__(self, env: str, gold: list[GoldStep]) -> None:
+        self.env = env
+        self.gold = gold
+        counts = Counter(normalise(step.action) for step in gold)
+        self._once = {a for a, n in counts.items() if n == 1}
+
+    def match(self, position: int, action: str) -> int | None:
+        """Index of the reference step that `action` is, from `position` on."""
+        wanted = normalise(action)
+        if position < len(self.gold) and normalise(self.gold[position].action) == wanted:
+            return position
+        if wanted not in self._once or _generic(self.env, action):
+            return None
+        end = min(position + LOOKAHEAD + 1, len(self.gold))
+        for index in range(position + 1, end):
+            if normalise(self.gold[index].action) == wanted:
+                return index
+        return None
+
+    def after_raise(self, position: int, score: float) -> int:
+        """The position after a step that raised the score to `score` without matching."""
+        for index in range(position, len(self.gold)):
+            reached = self.gold[index].score
+            if reached is not None and reached >= score:
+                # reached exactly: that reference step is done; short of it: still to do
+                return index + 1 if reached == score else index
+        if any(step.score is not None for step in self.gold):
+            return len(self.gold)  # beyond every reference score: nothing left to follow
+        return position + 1
+
+    def position(self, history: list[Turn]) -> int:
+        """Position after the accepted steps of `history` (the next reference step to do)."""
+        position = 0
+        previous = start_score(history)
+        for turn, score in _steps_with_scores(history):
+            if turn.kind != "erroneous_step":
+                matched = self.match(position, turn.action or "")
+                raised = score is not None and previous is not None and score > previous
+                if matched is not None:
+                    position = matched + 1
+                elif raised:
+                    position = self.after_raise(position, score)
+            if score is not None:
+                previous = score
+        return position
+
+
+def verdict_reason(facts: StepFacts, alignment: Alignment, position: int) -> Reason | None:
+    """Why the latest step is wrong, or None when it is fine (checks in the module's order)."""
     if not facts.action:
         return "unparseable"
     if not facts.valid:
@@ -86,7 +149,9 @@ def verdict_reason(facts: StepFacts, gold: list[GoldStep], position: int) -> Rea
         return "failed"
     if facts.score < facts.previous_score:
         return "worse"
-    if match_ahead(gold, position, facts.action) is not None or facts.score > facts.previous_score:
+    if alignment.match(position, facts.action) is not None:
+        return None
+    if facts.score > facts.previous_score:
         return None
     return "no_progress"
 
@@ -115,14 +180,14 @@ class ReferenceTeacher:
         return judgment
 
     async def _judge(self, facts: StepFacts, reference: Trajectory) -> Judgment:
-        gold = gold_steps(reference)
-        position = align(gold, executed_actions(facts.history))
-        if position >= len(gold):
-            return Judgment.ok()  # nothing left to propose
-        reason = verdict_reason(facts, gold, position)
+        alignment = Alignment(reference.env, gold_steps(reference))
+        position = alignment.position(facts.history)
+        reason = verdict_reason(facts, alignment, position)
         if reason is None:
             return Judgment.ok()
-        target = gold[position]
+        if position >= len(alignment.gold):
+            return Judgment(correct=False, reason=reason)  # nothing left to propose
+        target = alignment.gold[position]
         reflection = await self.reflect(facts, reason, target)
         return Judgment(
             correct=False,

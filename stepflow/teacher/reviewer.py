@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from stepflow.envs import observation_only
 from stepflow.review import StepContext, StepReview
 from stepflow.teacher.base import StepFacts, Teacher
 from stepflow.trajectory import Trajectory
 
-RewindPolicy = Literal["auto", "always", "never"]
+RewindPolicy = Literal["auto", "never"]
 
 
 def facts_from_context(ctx: StepContext) -> StepFacts:
@@ -32,12 +31,9 @@ def facts_from_context(ctx: StepContext) -> StepFacts:
 
 
 def should_rewind(policy: RewindPolicy, facts: StepFacts) -> bool:
-    """Whether to restore the world to before the wrong step before correcting it."""
-    if policy == "always" or facts.failed or facts.done:
-        return True
-    if policy == "never":
-        return False
-    return facts.valid and not observation_only(facts.instance.env, facts.action)
+    """Whether to take the wrong step back before correcting it: only when it made the task
+    unwinnable (policy `auto`); otherwise the correction runs in the state the step left."""
+    return policy == "auto" and (facts.failed or facts.done)
 
 
 class TeacherReviewer:
@@ -63,11 +59,12 @@ class TeacherReviewer:
         judgment = await self.teacher.judge(facts, reference)
         if judgment.fallback:
             ctx.stats.teacher_fallbacks += 1
-        if judgment.correct or not judgment.action:
+        if judgment.correct:
             return None
         return StepReview(
             reflection=judgment.reflection or "",
             thought=judgment.thought or "",
-            action=judgment.action,
+            action=judgment.action or None,
             rewind=should_rewind(self.rewind, facts),
+            reason=judgment.reason,
         )

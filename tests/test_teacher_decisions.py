@@ -1,0 +1,154 @@
+"""The reference teacher's decisions on real ScienceWorld episodes.
+
+Each row: a task instance, the steps already accepted (the real gold prefix, or what a
+student did), the student's next action, and the verdict expected of the teacher — right,
+or wrong with its reason and the correction it must propose. The steps run in the real
+simulator; the reference is the instance's real gold replay, rendered as `prepare` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stepflow.agent.prompts import format_observation, format_step, opening_turns
+from stepflow.envs.base import TaskInstance
+from stepflow.envs.scienceworld import ScienceWorldEnv
+from stepflow.golden import render_golden, replay_gold, template_thought
+from stepflow.teacher.base import StepFacts
+from stepflow.teacher.reference import ReferenceTeacher
+from stepflow.trajectory import Provenance, Turn
+
+FIND = TaskInstance("scienceworld", "find-non-living-thing", 1, "u2")
+LIFESPAN = TaskInstance("scienceworld", "lifespan-longest-lived", 1, "u2")
+# find-non-living-thing 1 (score after each): open door to hallway (8, a no-op), go to hallway
+# (17), open door to kitchen (17, a no-op), go to kitchen (25), look around (25), focus on
+# soap (75), move soap to green box (100)
+FIND_GOLD = [
+    "open door to hallway",
+    "go to hallway",
+    "open door to kitchen",
+    "go to kitchen",
+    "look around",
+    "focus on soap",
+    "move soap to green box",
+]
+# lifespan-longest-lived 1: ... go to outside (50), focus on baby baby brown bear (100)
+LIFESPAN_PREFIX = [
+    "open door to hallway",
+    "go to hallway",
+    "open door to kitchen",
+    "go to kitchen",
+    "open door to outside",
+    "go to outside",
+]
+
+# (instance, accepted steps, student action, expected: None = right, else (reason, correction))
+DECISIONS = [
+    (FIND, [], "open door to hallway", None),
+    (FIND, [], "open the door to the hallway", None),  # the simulator reads it the same
+    (FIND, [], "go to hallway", None),  # the gold's no-op open skipped
+    # a generic action matches only the next reference step, not the "look around" further on
+    (FIND, FIND_GOLD[:2], "look around", ("no_progress", "open door to kitchen")),
+    (FIND, FIND_GOLD[:2], "teleport to kitchen", None),  # raised the score
+    # ... and the position followed it: the reference's "look around" comes next
+    (FIND, [*FIND_GOLD[:2], "teleport to kitchen"], "look around", None),
+    (FIND, [*FIND_GOLD[:2], "teleport to kitchen"], "pick up soap", ("no_progress", "look around")),
+    (FIND, FIND_GOLD[:4], "focus on the soap", None),
+    (FIND, FIND_GOLD[:4], "focus on air", None),  # air is a non-living thing: the score rose
+    (FIND, FIND_GOLD[:6], "move soap to blue box", ("invalid", "move soap to green box")),
+    (FIND, FIND_GOLD[:6], "fly to the moon", ("invalid", "move soap to green box")),
+    (FIND, FIND_GOLD[:6], "go to hallway", ("no_progress", "move soap to green box")),
+    (FIND, FIND_GOLD[:6], "pick up soap", None),  # 75 -> 83, on the way to the box
+    # short of the reference's next score: its step is still to do
+    (
+        FIND,
+        [*FIND_GOLD[:6], "pick up soap"],
+        "look around",
+        ("no_progress", "move soap to green box"),
+    ),
+    (LIFESPAN, LIFESPAN_PREFIX, "focus on brown bear", None),
+    (LIFESPAN, LIFESPAN_PREFIX, "focus on air", ("failed", "focus on baby baby brown bear")),
+    (LIFESPAN, LIFESPAN_PREFIX, "look around", ("no_progress", "focus on baby baby brown bear")),
+]
+
+
+@pytest.fixture(scope="module")
+def simulator():
+    with ScienceWorldEnv() as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def references(simulator):
+    """The real gold replay of each instance, rendered as the prepare stage renders it."""
+    rendered = {}
+    for instance in (FIND, LIFESPAN):
+        replay = replay_gold(simulator, instance)
+        assert replay.success
+        thoughts = [template_thought(a) for a in replay.actions]
+        rendered[instance.key] = render_golden(replay, thoughts, None, Provenance(source="golden"))
+    assert [t.action for t in rendered[FIND.key].assistant_turns()] == FIND_GOLD
+    return rendered
+
+
+def _facts(env: ScienceWorldEnv, instance: TaskInstance, accepted: list[str], action: str):
+    instruction, observation = env.reset(instance)
+    turns = opening_turns(instance.env, instruction, observation)
+    turns[-1] = turns[-1].model_copy(update={"score": env.start_score})
+    score = env.start_score
+    for step in accepted:
+        result = env.step(step)
+        assert result.valid and not result.failed, step
+        turns.append(
+            Turn(
+                role="assistant",
+                kind="step",
+                loss=True,
+                content=format_step(None, step),
+                action=step,
+            )
+        )
+        turns.append(
+            Turn(
+                role="user",
+                kind="observation",
+                content=format_observation(result.observation),
+                score=result.score,
+            )
+        )
+        score = result.score
+    result = env.step(action)
+    return StepFacts(
+        instance=instance,
+        instruction=instruction,
+        history=turns,
+        thought=None,
+        action=action,
+        observation=format_observation(result.observation),
+        valid=result.valid,
+        score=result.score,
+        previous_score=score,
+        failed=result.failed,
+        done=result.done,
+        step_index=len(accepted),
+    )
+
+
+@pytest.mark.parametrize(
+    ("instance", "accepted", "action", "expected"),
+    DECISIONS,
+    ids=[f"{i.task_type}:{len(a)}:{act}" for i, a, act, _ in DECISIONS],
+)
+def test_reference_teacher_decision(simulator, references, instance, accepted, action, expected):
+    facts = _facts(simulator, instance, accepted, action)
+    judgment = asyncio.run(ReferenceTeacher().judge(facts, references[instance.key]))
+    if expected is None:
+        assert judgment.correct, (judgment.reason, judgment.action)
+    else:
+        reason, correction = expected
+        assert not judgment.correct
+        assert (judgment.reason, judgment.action) == (reason, correction)
+        assert judgment.thought == template_thought(correction)
+        assert action in judgment.reflection and correction in judgment.reflection
