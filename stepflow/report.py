@@ -173,6 +173,25 @@ def plot_reward_vs_data(results: dict[str, AgentMetrics], params: Params, split:
 
 
 @holds_outputs("report")
+def _synthesis_turns(stats: dict) -> list[str]:
+    """What the kept trajectories hold and why the others were dropped."""
+    if "accepted_turns" not in stats:
+        return []
+    dropped = ", ".join(f"{k} {v}" for k, v in stats.get("dropped_by", {}).items()) or "none"
+    share = stats.get("reflection_token_share")
+    own = stats.get("own_fraction", {}).get("median")
+    return [
+        f"Kept turns: {stats['accepted_turns']} accepted student steps "
+        f"({stats['accepted_share']:.0%} of the assistant turns), {stats['erroneous_turns']} "
+        f"erroneous steps, {stats['reflection_turns']} reflections, {stats['teacher_steps']} "
+        "teacher steps after a rewound loss"
+        + (f"; {share:.0%} of the trained tokens are reflections" if share is not None else "")
+        + (f"; median own-step share {own:.2f}" if own is not None else "")
+        + f". Dropped: {dropped}.",
+        "",
+    ]
+
+
 def build_report(params: Params) -> Report:
     """Write `reports/results.md`, `reports/per_task.csv` and the PNG plots."""
     out = Path(params.paths.reports)
@@ -214,6 +233,7 @@ def build_report(params: Params) -> Report:
                 else "."
             ),
             "",
+            *_synthesis_turns(stats),
         ]
     sections.append(
         f"Confidence intervals: percentile bootstrap over instances "

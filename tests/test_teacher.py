@@ -350,13 +350,58 @@ def test_synthesize_stage_writes_kept_trajectories(base_agent_workspace, monkeyp
     assert stats["episodes"] == len(load_prepared(Path("data"))[0].select("u2"))
     assert stats["kept"] + stats["dropped"] == stats["episodes"]
     assert stats["teacher"] == "reference"
+    assert stats["kept"] >= 1, "the tiny base agent solves some U2 tasks with the teacher"
     for trajectory in kept:
         assert trajectory.reward >= params.synthesis.keep_threshold
+        assert trajectory.stop_reason is None and trajectory.failure is None
         assert trajectory.split == "u2" and trajectory.provenance.source == "synthesis"
         for turn in trajectory.assistant_turns():
             assert turn.loss is (turn.kind != "erroneous_step" and turn.action is not None)
+        # nothing went unjudged: every student step is accepted or erroneous
+        counts = trajectory.stats
+        assert counts.accepted_steps + counts.erroneous_steps == counts.student_steps
+    # the turn counts of synthesis_stats.json are those of reflected.jsonl
+    kinds = [turn.kind for t in kept for turn in t.assistant_turns()]
+    assert stats["erroneous_turns"] == kinds.count("erroneous_step")
+    assert stats["reflection_turns"] == kinds.count("reflection")
+    assert stats["accepted_turns"] == sum(t.stats.accepted_steps for t in kept)
+    assert stats["accepted_share"] == round(stats["accepted_turns"] / len(kinds), 4)
+    assert 0 <= stats["reflection_token_share"] <= 1
+    assert stats["reflection_token_share"] > 0 if stats["reflection_turns"] else True
+    assert stats["own_fraction"]["min"] <= stats["own_fraction"]["median"]
+    assert sum(stats["dropped_by"].values()) == stats["dropped"]
     again = synthesize(params, show_progress=False)  # a rerun resumes: nothing new to run
     assert again.resumed == stats["episodes"]
     assert Path("data/reflected.jsonl").read_text() == "".join(
         t.model_dump_json() + "\n" for t in kept
     )
+
+
+def _synthesized(accepted: int, steps: int, **update) -> Trajectory:
+    trajectory = make_trajectory(steps=steps)
+    stats = trajectory.stats.model_copy(update={"accepted_steps": accepted})
+    return trajectory.model_copy(update={"stats": stats, **update})
+
+
+def test_keep_rule_counts_every_reason() -> None:
+    from stepflow.synthesize import drop_reason, kept, own_fraction_summary
+
+    good = _synthesized(3, 4)
+    few = _synthesized(1, 4)
+    stopped = _synthesized(3, 4, stop_reason="corrections_exhausted")
+    unsolved = _synthesized(4, 4, reward=0.5, success=False)
+    failed = _synthesized(4, 4, failure="EndpointError: down")
+    assert good.own_fraction == 0.75 and few.own_fraction == 0.25
+    episodes = [good, few, stopped, unsolved, failed]
+    reasons = [drop_reason(t, 1.0, 0.5) for t in episodes]
+    assert reasons == [None, "few_own_steps", "corrections_exhausted", "below_threshold", "failed"]
+    assert kept(episodes, 1.0, 0.5) == [good]
+    assert kept(episodes, 1.0, 0.0) == [good, few]
+    assert own_fraction_summary([good, few]) == {
+        "min": 0.25,
+        "p25": 0.375,
+        "median": 0.5,
+        "p75": 0.625,
+        "max": 0.75,
+        "mean": 0.5,
+    }
