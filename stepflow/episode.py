@@ -103,6 +103,8 @@ async def _execute(
 ) -> StepResult:
     result = await env.step(action)
     episode.actions.append(action)
+    highest = getattr(episode, "max_score", None)  # the highest score of the episode so far
+    episode.max_score = result.score if highest is None else max(highest, result.score)
     if not result.valid:
         episode.stats.invalid_actions += 1
     content = format_observation(result.observation, max_chars)
@@ -251,6 +253,7 @@ async def run_episode(
         turns=episode.turns,
         reward=last.reward if last is not None else 0.0,
         score=episode.score,
+        max_score=getattr(episode, "max_score", None),
         success=last.success if last is not None else False,
         num_steps=episode.steps,
         done=episode.done,
