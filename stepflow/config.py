@@ -208,14 +208,30 @@ class SplitsConfig(Strict):
     train_per_task: PositiveInt | None = Field(
         default=None, description="instances per task type taken from the official train split"
     )
-    dev_per_task: NonNegInt = 0
-    test_per_task: PositiveInt = 5
+    dev_per_task: NonNegInt | None = Field(
+        default=0, description="dev instances per task type (null: all listed)"
+    )
+    test_per_task: PositiveInt | None = Field(
+        default=5, description="test instances per task type (null: all listed)"
+    )
+    instances: Literal["official", "eto"] = Field(
+        default="official",
+        description="where dev/test instances come from: the official splits, or ETO's "
+        "fixed lists (ScienceWorld: 194 seen = dev, 211 unseen = test, 24 task types); "
+        "training instances always come from the official train split",
+    )
 
 
 class GoldenConfig(Strict):
     """Golden (expert) trajectories."""
 
     thoughts: Literal["teacher", "template", "none"] = "template"
+    compress: bool = Field(
+        default=False,
+        description="ScienceWorld with teleportation (`easy`): each run of navigation "
+        "(`open door to X`, `go to X`) becomes `teleport to <room>` and no-op actions are "
+        "dropped; kept only if its replay reaches score 100, else the original path",
+    )
 
 
 class AgentConfig(Strict):
@@ -343,6 +359,11 @@ class EvaluationConfig(Strict):
     )
     bootstrap_samples: PositiveInt = 1000
     confidence: Fraction = 0.95
+    protocol: Literal["stepflow", "eto"] = Field(
+        default="stepflow",
+        description="stepflow: reward = final score / 100, env.step_limit(s); eto: ETO's "
+        "protocol (reward = highest score reached / 100, ETO's per-task step caps)",
+    )
     llm: LLMConfig | None = Field(
         default=None,
         description="the model that runs the agents during evaluation (e.g. a vLLM endpoint); "
@@ -461,6 +482,51 @@ class Params(Strict):
         return self
 
     @model_validator(mode="after")
+    def _eto_protocol_fits(self) -> Params:
+        from stepflow.protocols import ETO_SIMPLIFICATION, eto_problems
+
+        env = self.env
+        eto_lists = self.splits.instances == "eto"
+        if eto_lists and env.name != "scienceworld":
+            raise ValueError("splits.instances 'eto' has lists for ScienceWorld only")
+        keys = [
+            key
+            for key, eto in (
+                ("evaluation.protocol", self.evaluation.protocol == "eto"),
+                ("splits.instances", eto_lists),
+            )
+            if eto
+        ]
+        missing = eto_problems(env.name, env.task_types) if keys else []
+        if missing:
+            raise ValueError(
+                f"{' and '.join(keys)} 'eto': env.task_types {missing} are not among "
+                "the 24 ScienceWorld task types ETO evaluates"
+            )
+        if (
+            self.evaluation.protocol == "eto"
+            and env.name == "scienceworld"
+            and env.simplification != ETO_SIMPLIFICATION
+        ):
+            raise ValueError(
+                f"evaluation.protocol 'eto' runs ScienceWorld with simplification "
+                f"{ETO_SIMPLIFICATION!r}, not {env.simplification!r}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _compress_needs_teleport(self) -> Params:
+        if not self.golden.compress:
+            return self
+        options = set(self.env.simplification.split(","))
+        if self.env.name != "scienceworld" or not options & {"easy", "teleportAction"}:
+            raise ValueError(
+                "golden.compress needs ScienceWorld with teleportation "
+                "(env.simplification 'easy' or 'teleportAction')"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _served_adapters_fit(self) -> Params:
         served = any(llm and llm.backend == "openai" for llm in (self.student, self.evaluation.llm))
         if served and self.serving.max_lora_rank < self.training.lora.r:
@@ -533,7 +599,8 @@ def _format_errors(
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         value = err.get("input")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {value!r})"
+        quiet = err["type"] in ("extra_forbidden", "missing") or not loc  # root: whole file
+        shown = "" if quiet else f" (got {value!r})"
         parts.append(f"{where}: {key}: {message}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(parts)
 

@@ -94,6 +94,7 @@ class _Episode:
         self.actions: list[str] = []
         self.last: StepResult | None = None
         self.stop_reason: StopReason | None = None
+        self.max_score: float | None = None  # the highest score after any executed action
 
     @property
     def steps(self) -> int:
@@ -117,6 +118,8 @@ async def _execute(
 ) -> StepResult:
     result = await env.step(action)
     episode.actions.append(action)
+    highest = episode.max_score
+    episode.max_score = result.score if highest is None else max(highest, result.score)
     if not result.valid:
         episode.stats.invalid_actions += 1
     content = format_observation(result.observation, max_chars)
@@ -314,6 +317,7 @@ async def run_episode(
         turns=episode.turns,
         reward=last.reward if last is not None else 0.0,
         score=episode.score,
+        max_score=episode.max_score,
         success=last.success if last is not None else False,
         num_steps=episode.steps,
         done=episode.done,

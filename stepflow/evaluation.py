@@ -17,6 +17,7 @@ from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
 from stepflow.metrics import AgentMetrics, agent_metrics
 from stepflow.prepare import WORK_ROOT
+from stepflow.protocols import protocol_keys
 from stepflow.provenance import adapter_digest
 from stepflow.rollout import EPISODE_KEYS
 from stepflow.shards import RolloutSpec, ShardMap, run_stage
@@ -60,7 +61,9 @@ def evaluated_adapter(params: Params, agent: str) -> Path | None:
 
 def evaluation_digest(params: Params, agent: str) -> str:
     """Identity of an evaluation: the settings it reads and the agent's adapter content."""
-    digest = params.section_hash(*EVALUATION_KEYS, *params.env.engine_keys())
+    digest = params.section_hash(
+        *EVALUATION_KEYS, *params.env.engine_keys(), *protocol_keys(params)
+    )
     adapter = evaluated_adapter(params, agent)
     if adapter is not None:
         digest += "-" + adapter_digest(adapter)
@@ -142,6 +145,7 @@ def evaluate_agent(
         samples=params.evaluation.bootstrap_samples,
         confidence=params.evaluation.confidence,
         seed=params.seed,
+        protocol=params.evaluation.protocol,
     )
     trajectories_path, metrics_path = eval_paths(params, agent, split)
     write_trajectories(trajectories_path, trajectories)

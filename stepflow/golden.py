@@ -2,6 +2,9 @@
 
 A gold sequence is replayed in the real environment and kept only if it reaches full score;
 the replay stops at the step that completes the task (gold paths may carry trailing no-ops).
+With compression (ScienceWorld with teleportation), a successful path is shortened —
+navigation runs become `teleport to <room>`, no-op actions are dropped — and the shorter
+path is replayed in turn; it replaces the original only if it also reaches full score.
 Thoughts come from a template, from an LLM (`ThoughtWriter`), or are left out.
 """
 
@@ -10,11 +13,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from stepflow.agent.prompts import format_observation, format_step, opening_turns
 from stepflow.envs.base import TaskInstance, TextEnv
 from stepflow.trajectory import Provenance, Trajectory, Turn
+
+# off: not tried; compressed: the shorter path replaced the original; unchanged: nothing to
+# shorten; fallback: the shorter path did not reach full score, the original is kept
+Compression = Literal["off", "compressed", "unchanged", "fallback"]
 
 
 @dataclass
@@ -29,6 +36,8 @@ class GoldReplay:
     scores: list[float] = field(default_factory=list)
     gold_length: int = 0
     start_score: float = 0.0
+    raw_steps: int | None = None  # steps of the uncompressed replay (compression tried)
+    compression: Compression = "off"
 
     @property
     def final_score(self) -> float:
@@ -41,14 +50,9 @@ class GoldReplay:
         return self.final_score >= 100
 
 
-def replay_gold(env: TextEnv, instance: TaskInstance) -> GoldReplay:
-    """Replay the gold sequence of `instance` until the task completes or the sequence ends."""
-    instruction, first_observation = env.reset(instance)
-    gold = env.gold_actions()
-    replay = GoldReplay(
-        instance, instruction, first_observation, gold_length=len(gold), start_score=env.start_score
-    )
-    for action in gold:
+def _play(replay: GoldReplay, env: TextEnv, actions: Sequence[str]) -> GoldReplay:
+    replay.start_score = env.start_score
+    for action in actions:
         result = env.step(action)
         replay.actions.append(action)
         replay.observations.append(result.observation)
@@ -56,6 +60,86 @@ def replay_gold(env: TextEnv, instance: TaskInstance) -> GoldReplay:
         if result.done:
             break
     return replay
+
+
+def replay_gold(env: TextEnv, instance: TaskInstance, *, compress: bool = False) -> GoldReplay:
+    """Replay the gold sequence of `instance` until the task completes or the sequence ends.
+
+    With `compress`, a successful replay is shortened (`compress_gold`) and the shorter
+    path replayed from a fresh reset; it is returned if it reaches full score too."""
+    instruction, first_observation = env.reset(instance)
+    gold = env.gold_actions()
+    replay = _play(
+        GoldReplay(instance, instruction, first_observation, gold_length=len(gold)), env, gold
+    )
+    if not compress:
+        return replay
+    replay.raw_steps = len(replay.actions)
+    shorter = compress_gold(replay.actions, replay.observations) if replay.success else None
+    if shorter is None or shorter == replay.actions:
+        replay.compression = "unchanged"
+        return replay
+    env.reset(instance)
+    candidate = _play(
+        GoldReplay(
+            instance,
+            instruction,
+            first_observation,
+            gold_length=len(gold),
+            raw_steps=len(replay.actions),
+            compression="compressed",
+        ),
+        env,
+        shorter,
+    )
+    if candidate.success:
+        return candidate
+    replay.compression = "fallback"
+    return replay
+
+
+# -- compression (ScienceWorld, teleportation allowed) ------------------------------------
+_OPEN_DOOR = re.compile(r"^open door to (?P<room>.+)$")
+_GO = re.compile(r"^go to (?P<room>.+)$")
+# observations of actions that changed nothing in the world
+_NO_OP = re.compile(
+    r"^(?:The .+ is already (?:open|closed)\.|You can't move something into itself\.)$"
+)
+
+
+def compress_gold(actions: Sequence[str], observations: Sequence[str]) -> list[str]:
+    """A shorter equivalent of a replayed ScienceWorld path (verify it by replay).
+
+    No-op actions (their observation says nothing changed, e.g. "The door is already
+    open.") are dropped; each maximal run of navigation (`open door to X`, `go to X`, and
+    no-ops between them) that moves the agent becomes `teleport to <last room>`, followed
+    by any door the run opened after its last move."""
+    out: list[str] = []
+    room: str | None = None  # where the current navigation run has moved the agent
+    opened: list[str] = []  # doors the run opened after its last move
+
+    def flush() -> None:
+        nonlocal room
+        if room is not None:
+            out.append(f"teleport to {room}")
+        out.extend(opened)
+        room = None
+        opened.clear()
+
+    for action, observation in zip(actions, observations, strict=True):
+        text = " ".join(action.split())
+        if _NO_OP.match(observation.strip()):
+            continue
+        if go := _GO.match(text):
+            room = go.group("room")
+            opened.clear()
+        elif _OPEN_DOOR.match(text):
+            opened.append(action)
+        else:
+            flush()
+            out.append(action)
+    flush()
+    return out
 
 
 _TEMPLATES: list[tuple[str, str]] = [
@@ -168,8 +252,21 @@ def render_golden(
         turns=turns,
         reward=max(0.0, min(score, 100.0)) / 100.0,
         score=score,
+        max_score=max(replay.scores, default=None),
         success=replay.success,
         num_steps=len(replay.actions),
         done=True,
-        provenance=provenance,
+        provenance=_with_compression(provenance, replay),
     )
+
+
+def _with_compression(provenance: Provenance, replay: GoldReplay) -> Provenance:
+    """Provenance carrying the raw path length and compression outcome (when tried)."""
+    if replay.raw_steps is None:
+        return provenance
+    extra = {
+        **provenance.extra,
+        "raw_steps": str(replay.raw_steps),
+        "compression": replay.compression,
+    }
+    return provenance.model_copy(update={"extra": extra})

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel
 
+from stepflow.protocols import protocol_reward
 from stepflow.trajectory import Trajectory
 
 
@@ -40,6 +41,7 @@ class AgentMetrics(BaseModel):
     instances: list[str]
     confidence: float
     bootstrap_samples: int
+    protocol: str = "stepflow"  # how rewards and step limits were set (stepflow.protocols)
 
     def flat(self) -> dict[str, float]:
         """`name: value` pairs for MLflow (`reward`, `success`, `reward/<task>`, ...)."""
@@ -80,16 +82,21 @@ def bootstrap_interval(
 
 
 def group_metrics(
-    trajectories: Sequence[Trajectory], samples: int, confidence: float, seed: int
+    trajectories: Sequence[Trajectory],
+    samples: int,
+    confidence: float,
+    seed: int,
+    protocol: str = "stepflow",
 ) -> GroupMetrics:
-    """Metrics of one group of episodes."""
+    """Metrics of one group of episodes; rewards as the evaluation protocol defines them."""
     steps = sum(t.num_steps for t in trajectories)
     parse_failures = sum(t.stats.parse_failures for t in trajectories)
     invalid = sum(t.stats.invalid_actions for t in trajectories)
+    rewards = [protocol_reward(t, protocol) for t in trajectories]
     return GroupMetrics(
         episodes=len(trajectories),
         steps=steps,
-        reward=bootstrap_interval([t.reward for t in trajectories], samples, confidence, seed),
+        reward=bootstrap_interval(rewards, samples, confidence, seed),
         success=bootstrap_interval(
             [float(t.success) for t in trajectories], samples, confidence, seed
         ),
@@ -107,6 +114,7 @@ def agent_metrics(
     samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    protocol: str = "stepflow",
 ) -> AgentMetrics:
     """Overall and per-task-type metrics of an agent's evaluation episodes."""
     by_task: dict[str, list[Trajectory]] = {}
@@ -115,12 +123,13 @@ def agent_metrics(
     return AgentMetrics(
         agent=agent,
         split=split,
-        overall=group_metrics(trajectories, samples, confidence, seed),
+        overall=group_metrics(trajectories, samples, confidence, seed, protocol),
         per_task={
-            task: group_metrics(group, samples, confidence, seed)
+            task: group_metrics(group, samples, confidence, seed, protocol)
             for task, group in sorted(by_task.items())
         },
         instances=sorted(t.key for t in trajectories),
         confidence=confidence,
         bootstrap_samples=samples,
+        protocol=protocol,
     )

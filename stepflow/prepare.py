@@ -2,7 +2,8 @@
 
 Outputs (in `paths.data`): `manifest.json`, `golden_d1.jsonl`, `golden_d2.jsonl`,
 `examples.json` (one-shot demonstrations per task type, from U1 only) and
-`prepare_stats.json`. Replays are appended to a work log as they finish, so a killed run
+`prepare_stats.json` (counts, and golden path lengths per task type before and after
+`golden.compress`). Replays are appended to a work log as they finish, so a killed run
 resumes where it stopped; final files are written atomically at the end.
 """
 
@@ -51,6 +52,8 @@ class PrepareSummary:
     instances: dict[str, int]
     kept: dict[str, int]
     dropped: list[str] = field(default_factory=list)
+    path_lengths: dict[str, dict[str, float | int]] = field(default_factory=dict)
+    compression_fallbacks: int = 0
     replayed: int = 0
     resumed: int = 0
     workers: int = 1
@@ -77,28 +80,56 @@ def prepare_hash(params: Params) -> str:
 # ScienceWorld's worlds are deterministic per variation, but its gold-path generator picks
 # among equivalent targets depending on what the JVM loaded before. A fresh JVM per replay
 # makes the golden data the same whatever the worker count or order.
-def replay_fresh(env_config: EnvConfig | dict, instance: TaskInstance) -> GoldReplay:
-    """Replay one instance's gold sequence in a newly started environment."""
+def replay_fresh(
+    env_config: EnvConfig | dict, instance: TaskInstance, compress: bool = False
+) -> GoldReplay:
+    """Replay one instance's gold sequence (compressed when asked) in a newly started
+    environment."""
     config = EnvConfig.model_validate(env_config)
     with make_env(config) as env:
-        return replay_gold(env, instance)
+        return replay_gold(env, instance, compress=compress)
 
 
 def replay_all(
-    instances: list[TaskInstance], env_config: EnvConfig, workers: int
+    instances: list[TaskInstance], env_config: EnvConfig, workers: int, compress: bool = False
 ) -> Iterator[GoldReplay]:
     """Replay gold sequences, in `workers` processes when > 1, yielding in input order."""
     if not instances:
         return
     if workers <= 1:
         for instance in instances:
-            yield replay_fresh(env_config, instance)
+            yield replay_fresh(env_config, instance, compress)
         return
     config = env_config.model_dump(mode="json")
+    count = len(instances)
     with ProcessPoolExecutor(
-        max_workers=min(workers, len(instances)), mp_context=get_context("spawn")
+        max_workers=min(workers, count), mp_context=get_context("spawn")
     ) as pool:
-        yield from pool.map(replay_fresh, [config] * len(instances), instances)
+        yield from pool.map(replay_fresh, [config] * count, instances, [compress] * count)
+
+
+def path_lengths(trajectories: list[Trajectory]) -> dict[str, dict[str, float | int]]:
+    """Per task type, golden path lengths (steps) of successful replays before (`raw_*`)
+    and after compression, and how many were compressed / fell back to the original."""
+    by_task: dict[str, list[Trajectory]] = {}
+    for trajectory in trajectories:
+        if trajectory.success:
+            by_task.setdefault(trajectory.task_type, []).append(trajectory)
+    table: dict[str, dict[str, float | int]] = {}
+    for task, group in sorted(by_task.items()):
+        steps = [t.num_steps for t in group]
+        raw = [int(t.provenance.extra.get("raw_steps", t.num_steps)) for t in group]
+        outcome = Counter(t.provenance.extra.get("compression", "off") for t in group)
+        table[task] = {
+            "paths": len(group),
+            "raw_mean": round(sum(raw) / len(raw), 2),
+            "raw_max": max(raw),
+            "mean": round(sum(steps) / len(steps), 2),
+            "max": max(steps),
+            "compressed": outcome["compressed"],
+            "fallbacks": outcome["fallback"],
+        }
+    return table
 
 
 # -- one-shot examples -------------------------------------------------------------------
@@ -184,6 +215,7 @@ def prepare(
             [i for group in u1_by_task.values() for i in group[:EXAMPLE_CANDIDATES]],
             params.env,
             workers,
+            params.golden.compress,
         )
     )
 
@@ -200,7 +232,7 @@ def prepare(
         resumed = len(training) - len(todo)
         with progress_bar("golden replays", total=len(training), enabled=show_progress) as bar:
             bar.advance(resumed)
-            for replay in replay_all(todo, params.env, workers):
+            for replay in replay_all(todo, params.env, workers, params.golden.compress):
                 work_log.append(render(replay, example_for(examples, replay.instance)))
                 replayed += 1
                 bar.advance(1)
@@ -236,7 +268,14 @@ def _write_outputs(
     write_trajectories(data_dir / "golden_d2.jsonl", by_split["u2"])
     atomic_write_json(data_dir / "examples.json", examples)
     counts = Counter(entry.split for entry in manifest.instances)
-    return PrepareSummary(instances=dict(counts), kept=dict(kept), dropped=dropped)
+    lengths = path_lengths([replays[i.key] for i in manifest.select("u1", "u2")])
+    return PrepareSummary(
+        instances=dict(counts),
+        kept=dict(kept),
+        dropped=dropped,
+        path_lengths=lengths,
+        compression_fallbacks=sum(int(row["fallbacks"]) for row in lengths.values()),
+    )
 
 
 def load_prepared(data_dir: Path) -> tuple[Manifest, list[Trajectory], list[Trajectory]]:

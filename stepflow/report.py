@@ -13,6 +13,7 @@ from stepflow.evaluation import load_agent_metrics
 from stepflow.jsonl import atomic_write_bytes, atomic_write_text
 from stepflow.locking import holds_outputs
 from stepflow.metrics import AgentMetrics, Interval
+from stepflow.protocols import DESCRIPTIONS as PROTOCOL_DESCRIPTIONS
 
 AGENT_LABELS = {
     "base": "base model (untrained)",
@@ -47,8 +48,12 @@ def training_size(params: Params, agent: str) -> int | None:
 def markdown_table(results: dict[str, AgentMetrics], split: str, params: Params) -> str:
     """The comparison table of one split."""
     conf = round(next(iter(results.values())).confidence * 100) if results else 95
+    protocols = sorted({m.protocol for m in results.values()}) or [params.evaluation.protocol]
+    protocol = ", ".join(f"`{p}`" for p in protocols)
     lines = [
-        f"### {split} split",
+        f"### {split} split — protocol {protocol}",
+        "",
+        *(f"Protocol `{p}`: {PROTOCOL_DESCRIPTIONS.get(p, p)}." for p in protocols),
         "",
         f"| agent | avg reward [{conf}% CI] | success rate [{conf}% CI] | episodes | "
         "train trajectories | parse failures / step | invalid actions / step |",
@@ -66,7 +71,7 @@ def markdown_table(results: dict[str, AgentMetrics], split: str, params: Params)
     tasks = sorted({task for m in results.values() for task in m.per_task})
     lines += [
         "",
-        "Success rate per task type:",
+        f"Success rate per task type (protocol {protocol}):",
         "",
         "| agent | " + " | ".join(tasks) + " |",
         "|---|" + "---|" * len(tasks),

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from stepflow.envs.base import EnvCrashed, TaskInstance, TextEnv
 from stepflow.episode import RolloutSettings, Source, run_episode
 from stepflow.llm.base import ChatBackend
 from stepflow.progress import progress_bar
+from stepflow.protocols import evaluation_step_limit
 from stepflow.review import Reviewer
 from stepflow.trajectory import Trajectory, TrajectoryLog
 
@@ -271,6 +272,17 @@ async def rollout(
     return summary
 
 
+def episode_settings(
+    params: Params, *, source: Source = "rollout", params_hash: str | None = None
+) -> RolloutSettings:
+    """The settings episodes of `source` run under: params.yaml's, with the step limits of
+    the evaluation protocol (`evaluation.protocol`, e.g. ETO's caps) for evaluation."""
+    settings = RolloutSettings.from_params(params, source=source, params_hash=params_hash)
+    if source == "evaluation":
+        settings = replace(settings, step_limit=evaluation_step_limit(params))
+    return settings
+
+
 def run_rollout(
     params: Params,
     instances: Sequence[TaskInstance],
@@ -292,7 +304,7 @@ def run_rollout(
     from stepflow.envs import make_env
     from stepflow.llm import make_backend
 
-    settings = RolloutSettings.from_params(params, source=source, params_hash=params_hash)
+    settings = episode_settings(params, source=source, params_hash=params_hash)
 
     async def main() -> RolloutSummary:
         backend = make_backend(student or params.student, adapter=adapter)

@@ -2,8 +2,9 @@
 
 Training instances U (from the environment's official train split) are cut per task type
 into U1 (golden SFT, D1) and U2 (self-reflection synthesis) by a seeded fraction; test and
-dev instances come from the official test and dev splits. Every choice is deterministic for
-a seed and independent of the order task types are listed in.
+dev instances come from the official test and dev splits, or from ETO's fixed lists
+(`splits.instances: eto`; read from package data, no simulator needed). Every choice is
+deterministic for a seed and independent of the order task types are listed in.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stepflow.config import Params
 from stepflow.envs.base import TaskInstance
 from stepflow.jsonl import DataError, atomic_write_text
+from stepflow.protocols import eto_variations
 from stepflow.trajectory import Split
 
 MANIFEST_VERSION = 1
@@ -95,6 +97,16 @@ def split_train(
     return sorted(shuffled[:n_u1]), sorted(shuffled[n_u1:])
 
 
+def evaluation_variations(
+    source: SplitSource, params: Params, task: str, split: Literal["dev", "test"]
+) -> list[int]:
+    """The dev or test variations a task type draws from: the official split, or ETO's
+    list under `splits.instances: eto`."""
+    if params.splits.instances == "eto":
+        return eto_variations(task, split)
+    return source.variations(task, split)
+
+
 def build_manifest(source: SplitSource, params: Params) -> Manifest:
     """Draw the instances of every configured task type and assign U1/U2/dev/test."""
     known = set(source.task_types())
@@ -106,10 +118,12 @@ def build_manifest(source: SplitSource, params: Params) -> Manifest:
     for task in params.env.task_types:
         train = _seeded_sample(source.variations(task, "train"), cfg.train_per_task, seed, task)
         u1, u2 = split_train(train, cfg.u1_fraction, seed, task)
-        test = _seeded_sample(source.variations(task, "test"), cfg.test_per_task, seed, task)
+        listed = evaluation_variations(source, params, task, "test")
+        test = _seeded_sample(listed, cfg.test_per_task, seed, task)
         dev: list[int] = []
-        if cfg.dev_per_task:
-            dev = _seeded_sample(source.variations(task, "dev"), cfg.dev_per_task, seed, task)
+        if cfg.dev_per_task != 0:
+            listed = evaluation_variations(source, params, task, "dev")
+            dev = _seeded_sample(listed, cfg.dev_per_task, seed, task)
         for split, variations in (("u1", u1), ("u2", u2), ("dev", dev), ("test", sorted(test))):
             for variation in variations:
                 entries.append(

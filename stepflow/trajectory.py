@@ -116,6 +116,11 @@ class Trajectory(_Record):
     turns: list[Turn] = Field(min_length=2)
     reward: Annotated[float, Field(ge=0, le=1)]
     score: float
+    max_score: float | None = Field(
+        default=None,
+        description="the highest score after any executed action (ETO's reward is it / 100); "
+        "None when no action ran or for records made before the field existed",
+    )
     success: bool
     num_steps: int = Field(ge=0)
     done: bool = True
