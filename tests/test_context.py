@@ -385,3 +385,27 @@ def test_context_keys_are_typed(params_file) -> None:
             load_params(params_file, [bad])
     with pytest.raises(ConfigError, match=r"training\.truncation"):
         load_params(params_file, ["training.truncation=clip"])
+
+
+def test_teacher_thought_prompts_are_fitted() -> None:
+    from stepflow.teacher.thoughts import LLMThoughtWriter
+
+    @dataclass
+    class Unused:
+        name: str = "not-called"
+
+    long = replay(40)
+    counter = CharEstimate()
+    roomy = LLMThoughtWriter(Unused()).messages(long, 39)
+    budget = counter.count(roomy) // 2
+    writer = LLMThoughtWriter(Unused(), budget=budget, counter=counter)
+    messages = writer.messages(long, 39)
+    history = messages[1]["content"]
+    assert counter.count(messages) <= budget < counter.count(roomy)
+    assert ELIDED_OBSERVATION in history and history.count(ELIDED_OBSERVATION) < 37
+    assert f"Next action: {long.actions[39]}" in history
+    assert long.observations[38][:60] in history  # the latest observations stay in full
+    assert writer.messages(long, 2) == LLMThoughtWriter(Unused()).messages(long, 2)
+    assert writer.fitted_prompts == 1
+    tight = LLMThoughtWriter(Unused(), budget=600, counter=counter)
+    assert "earlier steps omitted" in tight.messages(long, 39)[1]["content"]
