@@ -180,7 +180,7 @@ def show_mask_command(
     from rich.console import Console as OutConsole
 
     from stepflow.jsonl import DataError
-    from stepflow.masking import TemplateError, tokenize_trajectory, training_length
+    from stepflow.masking import TemplateError, training_view
     from stepflow.maskview import legend, mask_counts, render_mask
     from stepflow.modeling import load_tokenizer
     from stepflow.trajectory import read_trajectories
@@ -202,12 +202,18 @@ def show_mask_command(
             raise _fail(f"{path}: index {position} out of range ({len(records)} trajectories)")
         chosen = records[position]
     tokenizer = load_tokenizer(loaded.student.model)
+    cfg = loaded.training
     try:
-        tokenized = tokenize_trajectory(chosen, tokenizer, mask_erroneous=not nomask)
+        seen = training_view(
+            chosen,
+            tokenizer,
+            mask_erroneous=not nomask,
+            max_seq_len=cfg.max_seq_len,
+            truncation=cfg.truncation,
+        )
     except TemplateError as exc:
         raise _fail(str(exc)) from None
-    cfg = loaded.training
-    keep = training_length(tokenized, cfg.max_seq_len, cfg.truncation)
+    tokenized, keep = seen.tokenized, seen.keep
     out = OutConsole(highlight=False)
     view = "step_nomask (erroneous steps trained)" if nomask else "partial masking"
     out.rule(f"{chosen.key} — {view} — {loaded.student.model}")
@@ -217,6 +223,13 @@ def show_mask_command(
     counts = mask_counts(tokenized)
     out.print(legend(counts))
     limits = f"max_seq_len {cfg.max_seq_len}, truncation {cfg.truncation}"
+    if seen.fitted is not None:
+        out.print(
+            f"fitted to max_seq_len ({seen.original.num_tokens} tokens unfitted): "
+            f"{seen.fitted.elided_observations} earlier observations elided, "
+            f"demonstration {'dropped' if seen.fitted.example_dropped else 'kept'}, "
+            f"{seen.fitted.dropped_steps} steps windowed out"
+        )
     if keep is None:
         out.print(f"{tokenized.num_tokens} tokens; left out of training ({limits})")
         return

@@ -239,6 +239,12 @@ class AgentConfig(Strict):
 
     one_shot: bool = True
     max_observation_chars: PositiveInt = 2000
+    max_context_tokens: PositiveInt | None = Field(
+        default=None,
+        description="the agent's context in tokens; every prompt is fitted to it minus "
+        "student.generation.max_new_tokens (oldest observations elided first, see "
+        "stepflow.agent.context); null: the model's own context length from its config",
+    )
 
 
 class TeacherConfig(Strict):
@@ -250,6 +256,12 @@ class TeacherConfig(Strict):
     prompt_version: str = "v1"
     max_retries: NonNegInt = 2
     fallback: Literal["correct", "reference"] = "reference"
+    max_context_tokens: PositiveInt | None = Field(
+        default=None,
+        description="the teacher LLM's context in tokens (e.g. vLLM's --max-model-len); "
+        "judge prompts are fitted to it minus teacher.llm.generation.max_new_tokens; "
+        "null: the teacher model's own context length from its config",
+    )
 
     @model_validator(mode="after")
     def _llm_when_needed(self) -> TeacherConfig:
@@ -327,7 +339,12 @@ class TrainingConfig(Strict):
     batch_size: PositiveInt = 1
     gradient_accumulation_steps: PositiveInt = 1
     max_seq_len: PositiveInt = 2048
-    truncation: Literal["drop", "truncate"] = "truncate"
+    truncation: Literal["elide", "truncate", "drop"] = Field(
+        default="elide",
+        description="a trajectory longer than max_seq_len: elide (fitted by the agent's "
+        "context rule, oldest observations first, then cut if still too long), truncate "
+        "(cut), drop (left out)",
+    )
     packing: Literal["padding_free", "length_grouped", "none"] = Field(
         default="padding_free",
         description="padding_free: each batch's trajectories concatenated into one row "

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from stepflow.agent.context import PromptFitter, fit_messages
 from stepflow.agent.parser import ParsedStep, invalid_output_observation, parse_step
 from stepflow.agent.prompts import (
     format_observation,
@@ -30,7 +31,6 @@ from stepflow.agent.prompts import (
     format_step,
     format_turn,
     opening_turns,
-    to_messages,
 )
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import StepResult, TaskInstance
@@ -58,6 +58,7 @@ class RolloutSettings:
     max_corrections: int = 0
     source: Source = "rollout"
     params_hash: str | None = None
+    prompt_fit: PromptFitter | None = None
 
     def limit_for(self, instance: TaskInstance) -> int:
         """The step limit of an instance."""
@@ -236,7 +237,9 @@ async def run_episode(
     try:
         while episode.stats.student_steps < limit and episode.running:
             completion = await backend.complete(
-                to_messages(episode.turns), session=session, max_new_tokens=settings.max_new_tokens
+                fit_messages(episode.turns, settings.prompt_fit, episode.stats),
+                session=session,
+                max_new_tokens=settings.max_new_tokens,
             )
             episode.stats.prompt_tokens += completion.prompt_tokens
             episode.stats.completion_tokens += completion.completion_tokens

@@ -20,7 +20,12 @@ class Interval(BaseModel):
 
 
 class GroupMetrics(BaseModel):
-    """Metrics over a group of episodes (all, or one task type)."""
+    """Metrics over a group of episodes (all, or one task type).
+
+    `truncated_turns`: turns cut by the generation limit (`max_new_tokens`), summed over the
+    episodes (`truncation_rate` per step); `fitted_prompts`: prompts fitted to the context
+    (earlier observations elided, stepflow.agent.context).
+    """
 
     episodes: int
     steps: int
@@ -29,6 +34,9 @@ class GroupMetrics(BaseModel):
     parse_failure_rate: float
     invalid_action_rate: float
     failed_episodes: int
+    truncated_turns: int = 0
+    truncation_rate: float = 0.0
+    fitted_prompts: int = 0
 
 
 class AgentMetrics(BaseModel):
@@ -63,6 +71,9 @@ def _flat(group: GroupMetrics, suffix: str) -> dict[str, float]:
         f"parse_failure_rate{suffix}": group.parse_failure_rate,
         f"invalid_action_rate{suffix}": group.invalid_action_rate,
         f"failed_episodes{suffix}": float(group.failed_episodes),
+        f"truncated_turns{suffix}": float(group.truncated_turns),
+        f"truncation_rate{suffix}": group.truncation_rate,
+        f"fitted_prompts{suffix}": float(group.fitted_prompts),
     }
 
 
@@ -93,6 +104,7 @@ def group_metrics(
     parse_failures = sum(t.stats.parse_failures for t in trajectories)
     invalid = sum(t.stats.invalid_actions for t in trajectories)
     rewards = [protocol_reward(t, protocol) for t in trajectories]
+    truncated = sum(t.stats.truncated for t in trajectories)
     return GroupMetrics(
         episodes=len(trajectories),
         steps=steps,
@@ -103,6 +115,9 @@ def group_metrics(
         parse_failure_rate=parse_failures / steps if steps else 0.0,
         invalid_action_rate=invalid / steps if steps else 0.0,
         failed_episodes=sum(1 for t in trajectories if t.failure),
+        truncated_turns=truncated,
+        truncation_rate=truncated / steps if steps else 0.0,
+        fitted_prompts=sum(t.stats.fitted_prompts for t in trajectories),
     )
 
 

@@ -185,7 +185,7 @@ def prepare(
         from stepflow.teacher.thoughts import LLMThoughtWriter
 
         assert params.teacher.llm is not None  # guaranteed by Params validation
-        writer = LLMThoughtWriter(make_backend(params.teacher.llm), params.teacher.prompt_version)
+        writer = LLMThoughtWriter.from_params(params, make_backend(params.teacher.llm))
         try:
             return prepare(
                 params,

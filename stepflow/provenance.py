@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,3 +55,27 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 def adapter_digest(adapter: str | Path) -> str:
     """First 12 hex digits of the SHA-256 of a LoRA adapter's weights."""
     return file_sha256(Path(adapter) / "adapter_model.safetensors")[:12]
+
+
+GENERATION_MARGIN = 16
+
+
+def trained_turn_tokens(adapter: str | Path) -> int | None:
+    """The longest trained assistant turn (tokens) an adapter's model card records, if any."""
+    card = Path(adapter) / "stepflow.json"
+    if not card.is_file():
+        return None
+    data = json.loads(card.read_text())
+    value = data.get("max_trained_turn_tokens")
+    if value is None:
+        value = data.get("token_stats", {}).get("max_trained_turn_tokens")
+    return int(value) if value else None
+
+
+def generation_shortfall(
+    adapter: str | Path, max_new_tokens: int, margin: int = GENERATION_MARGIN
+) -> int:
+    """Tokens that `max_new_tokens` lacks to generate the adapter's longest trained turn
+    plus `margin` (0 when enough, or when the adapter records no length)."""
+    longest = trained_turn_tokens(adapter)
+    return 0 if longest is None else max(0, longest + margin - max_new_tokens)

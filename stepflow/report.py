@@ -56,8 +56,9 @@ def markdown_table(results: dict[str, AgentMetrics], split: str, params: Params)
         *(f"Protocol `{p}`: {PROTOCOL_DESCRIPTIONS.get(p, p)}." for p in protocols),
         "",
         f"| agent | avg reward [{conf}% CI] | success rate [{conf}% CI] | episodes | "
-        "train trajectories | parse failures / step | invalid actions / step |",
-        "|---|---|---|---|---|---|---|",
+        "train trajectories | parse failures / step | truncated turns | "
+        "invalid actions / step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for agent, metrics in results.items():
         o = metrics.overall
@@ -66,7 +67,7 @@ def markdown_table(results: dict[str, AgentMetrics], split: str, params: Params)
         lines.append(
             f"| {AGENT_LABELS.get(agent, agent)} | {_ci(o.reward)} | {_ci(o.success)} | "
             f"{episodes} | {'—' if size is None else size} | {o.parse_failure_rate:.3f} | "
-            f"{o.invalid_action_rate:.3f} |"
+            f"{o.truncated_turns} | {o.invalid_action_rate:.3f} |"
         )
     tasks = sorted({task for m in results.values() for task in m.per_task})
     lines += [

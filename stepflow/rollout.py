@@ -14,6 +14,7 @@ while the run goes on. A rerun retries the failed episodes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -72,6 +73,7 @@ class RolloutSummary:
     steps: int = 0
     parse_failures: int = 0
     truncated: int = 0
+    fitted_prompts: int = 0
     invalid_actions: int = 0
     corrections: int = 0
     teacher_calls: int = 0
@@ -118,6 +120,7 @@ def summarize(
         steps=sum(t.num_steps for t in trajectories),
         parse_failures=sum(t.stats.parse_failures for t in trajectories),
         truncated=sum(t.stats.truncated for t in trajectories),
+        fitted_prompts=sum(t.stats.fitted_prompts for t in trajectories),
         invalid_actions=sum(t.stats.invalid_actions for t in trajectories),
         corrections=sum(t.stats.corrections for t in trajectories),
         teacher_calls=sum(t.stats.teacher_calls for t in trajectories),
@@ -300,21 +303,31 @@ def run_rollout(
     cleanup: Callable[[], Awaitable[None]] | None = None,
 ) -> RolloutSummary:
     """Run the student of params.yaml (or `student`, optionally with a LoRA adapter) on
-    `instances`; `cleanup` is awaited in the same event loop when the rollout ends."""
+    `instances`, every prompt fitted to the agent's context (stepflow.agent.context);
+    `cleanup` is awaited in the same event loop when the rollout ends."""
+    from stepflow.agent.context import prompt_fitter
     from stepflow.envs import make_env
     from stepflow.llm import make_backend
 
+    llm = student or params.student
     settings = episode_settings(params, source=source, params_hash=params_hash)
 
     async def main() -> RolloutSummary:
-        backend = make_backend(student or params.student, adapter=adapter)
+        backend = make_backend(llm, adapter=adapter)
         try:
+            fitter = prompt_fitter(params, llm, getattr(backend, "tokenizer", None))
+            log.info(
+                "agent prompts fitted to %d tokens (counted with the %s)",
+                fitter.budget,
+                fitter.counter.name,
+            )
+            settings_here = dataclasses.replace(settings, prompt_fit=fitter)
             return await rollout(
                 instances,
                 backend,
                 output,
                 env_factory=functools.partial(make_env, params.env),
-                settings=settings,
+                settings=settings_here,
                 concurrency=concurrency or params.rollout.concurrency,
                 example_for=example_for,
                 reviewer=reviewer,

@@ -134,8 +134,28 @@ def run_key(params: Params, variant: str, data_hashes: dict[str, str]) -> str:
         "student": {"model": params.student.model, "dtype": params.student.dtype},
         "seed": params.seed,
     }
+    if params.training.truncation == "elide":  # rows are fitted to the agent's prompt budget
+        identity["prompt_budget"] = {
+            "max_context_tokens": params.agent.max_context_tokens,
+            "max_new_tokens": params.student.generation.max_new_tokens,
+        }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def training_prompt_budget(params: Params) -> int | None:
+    """The agent's prompt budget that `elide` fits training rows to (None otherwise): the
+    same as at inference (stepflow.agent.context)."""
+    if params.training.truncation != "elide":
+        return None
+    from stepflow.agent.context import context_budget
+
+    return context_budget(
+        params.agent.max_context_tokens,
+        params.student.model,
+        params.student.generation.max_new_tokens,
+        "agent.max_context_tokens",
+    )
 
 
 class TokenMeter:
@@ -346,8 +366,13 @@ erroneous student steps are {"context only (label -100)" if meta["mask_erroneous
 ## Tokens
 - examples {stats["examples"]}, kept {stats["kept"]}, dropped {stats["dropped"]},
   truncated {stats["truncated"]}, without trained tokens {stats["empty"]}
+- fitted to `max_seq_len` by eliding earlier observations {stats["fitted"]}
+  ({stats["elided_observations"]} observations elided, {stats["windowed_steps"]} steps
+  windowed out)
 - tokens {stats["total_tokens"]}, trained {stats["trained_tokens"]}
   (fraction {stats["trained_fraction"]:.3f})
+- longest trained assistant turn: {meta["max_trained_turn_tokens"]} tokens — generation
+  needs `max_new_tokens` of at least this (plus a margin) to write such a turn whole
 
 ## Training
 - steps {meta["global_step"]}, final loss {f"{loss:.4f}" if loss is not None else "n/a"}
@@ -430,6 +455,7 @@ def train_variant(
         mask_erroneous=spec.mask_erroneous,
         max_seq_len=cfg.max_seq_len,
         truncation=cfg.truncation,
+        prompt_budget=training_prompt_budget(params),
     )
     if not examples:
         raise ValueError(f"variant {variant!r}: no trainable example in {[str(p) for p in files]}")
@@ -469,6 +495,7 @@ def train_variant(
         "training": cfg.model_dump(mode="json"),
         "seed": params.seed,
         "token_stats": stats.as_dict(),
+        "max_trained_turn_tokens": stats.max_trained_turn_tokens,
         "global_step": trainer.state.global_step,
         "final_loss": final_loss,
         "resumed_from": start.name if start else None,

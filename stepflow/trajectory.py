@@ -90,6 +90,8 @@ class EpisodeStats(_Record):
     completion_tokens: int = 0
     env_restarts: int = 0
     wall_s: float = 0.0
+    truncated: int = 0
+    fitted_prompts: int = 0
 
 
 class Provenance(_Record):

@@ -172,7 +172,10 @@ def test_qlora_run_lowers_loss_and_adapter_changes_generation(
     assert card["training"]["lora"]["r"] == 8
     assert card["token_stats"]["trained_tokens"] == result.stats.trained_tokens
     assert card["final_loss"] == pytest.approx(losses[-1])
+    longest = result.stats.max_trained_turn_tokens
+    assert card["max_trained_turn_tokens"] == longest > 0
     assert (out / "README.md").read_text().startswith("---")
+    assert f"longest trained assistant turn: {longest} tokens" in (out / "README.md").read_text()
     assert (out / "adapter_config.json").is_file()
     assert [p.name for p in (workspace / "models").iterdir()] == ["init_sft"]
 

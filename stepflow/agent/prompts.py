@@ -14,6 +14,8 @@ from stepflow.agent.parser import ParsedStep
 from stepflow.trajectory import Trajectory, Turn
 
 OBSERVATION_PREFIX = "Observation: "
+EXAMPLE_INTRO = "Here is an example of a solved task.\n"
+EXAMPLE_OUTRO = "\n\nNow it is your turn."
 
 
 @functools.cache
@@ -70,10 +72,19 @@ def instruction_text(
     """The first user turn: the optional demonstration, the task and the first observation."""
     parts = []
     if example:
-        parts.append(f"Here is an example of a solved task.\n{example}\n\nNow it is your turn.")
+        parts.append(f"{EXAMPLE_INTRO}{example}{EXAMPLE_OUTRO}")
     parts.append(f"Task: {instruction.strip()}")
     parts.append(format_observation(first_observation, max_chars))
     return "\n".join(parts)
+
+
+def without_example(instruction_content: str) -> str | None:
+    """The instruction turn's text with its one-shot demonstration left out (None when it
+    has none): exactly what `instruction_text` writes without an example."""
+    if not instruction_content.startswith(EXAMPLE_INTRO):
+        return None
+    _, separator, rest = instruction_content.partition(EXAMPLE_OUTRO + "\n")
+    return rest if separator else None
 
 
 def opening_turns(

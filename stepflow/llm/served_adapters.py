@@ -7,12 +7,20 @@ same weights twice is a no-op.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from stepflow.config import EndpointConfig, LLMConfig
 from stepflow.llm.base import BackendError
 from stepflow.llm.endpoint import api_key_from_env
-from stepflow.provenance import adapter_digest
+from stepflow.provenance import (
+    GENERATION_MARGIN,
+    adapter_digest,
+    generation_shortfall,
+    trained_turn_tokens,
+)
+
+log = logging.getLogger(__name__)
 
 
 def served_name(agent: str, adapter: Path) -> str:
@@ -69,6 +77,29 @@ def _load_into(
     )
 
 
+def warn_short_generation(llm: LLMConfig, agent: str, adapter: Path | None) -> int:
+    """Log a warning when `llm.generation.max_new_tokens` cannot hold the longest assistant
+    turn the adapter was trained on (its model card) plus a margin; return the tokens
+    missing (0 when enough or unknown). Turns cut there end as truncated, unparseable ones."""
+    if adapter is None:
+        return 0
+    limit = llm.generation.max_new_tokens
+    missing = generation_shortfall(adapter, limit)
+    if missing:
+        log.warning(
+            "%s: max_new_tokens=%d is %d tokens short of what adapter %s needs (its longest "
+            "trained assistant turn is %s tokens, plus a margin of %d): long turns will be "
+            "cut and counted as truncated; raise student.generation.max_new_tokens",
+            agent,
+            limit,
+            missing,
+            adapter,
+            trained_turn_tokens(adapter),
+            GENERATION_MARGIN,
+        )
+    return missing
+
+
 def with_adapter(
     student: LLMConfig, agent: str, adapter: Path | None
 ) -> tuple[LLMConfig, Path | None]:
@@ -76,8 +107,10 @@ def with_adapter(
 
     Local backend: the adapter is applied in process. Endpoint with `load_adapters`: the
     adapter is loaded into the server and requested by its served name. Endpoint without:
-    the server already serves the agent under its own name.
+    the server already serves the agent under its own name. A `max_new_tokens` too short
+    for the adapter's trained turns is warned about (`warn_short_generation`).
     """
+    warn_short_generation(student, agent, adapter)
     if student.backend == "local" or agent == "base":
         return student, adapter
     endpoint = student.endpoint

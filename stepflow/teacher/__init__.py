@@ -9,20 +9,30 @@ __all__ = ["Judgment", "StepFacts", "Teacher", "TeacherStats", "make_teacher"]
 
 
 def make_teacher(config: TeacherConfig) -> Teacher:
-    """The teacher configured in params.yaml (`teacher.kind`, `teacher.reflection`)."""
+    """The teacher configured in params.yaml (`teacher.kind`, `teacher.reflection`); an LLM
+    judge gets its prompts fitted to `teacher.max_context_tokens` (or its model's context)."""
+    from stepflow.agent.context import context_budget, token_counter
     from stepflow.llm import make_backend
     from stepflow.teacher.llm import LLMTeacher
     from stepflow.teacher.reference import ReferenceTeacher
 
     backend = make_backend(config.llm) if config.llm is not None else None
     if config.kind == "llm":
-        assert backend is not None  # guaranteed by TeacherConfig validation
+        assert backend is not None and config.llm is not None  # TeacherConfig validation
+        generated = config.llm.generation.max_new_tokens
         return LLMTeacher(
             backend,
             prompt_version=config.prompt_version,
             max_retries=config.max_retries,
             fallback=config.fallback,
-            max_new_tokens=config.llm.generation.max_new_tokens,
+            max_new_tokens=generated,
+            budget=context_budget(
+                config.max_context_tokens,
+                config.llm.model,
+                generated,
+                "teacher.max_context_tokens",
+            ),
+            counter=token_counter(config.llm.model, getattr(backend, "tokenizer", None)),
         )
     return ReferenceTeacher(
         config.prompt_version,

@@ -34,7 +34,7 @@ from stepflow.agent.prompts import OBSERVATION_PREFIX
 from stepflow.envs import observation_only
 from stepflow.llm.base import ChatBackend
 from stepflow.teacher import templates
-from stepflow.teacher.base import Judgment, Reason, StepFacts, TeacherStats
+from stepflow.teacher.base import Judgment, Reason, StepFacts, TeacherStats, clean_reflection
 from stepflow.trajectory import Trajectory, Turn
 
 LOOKAHEAD = 3
@@ -224,7 +224,7 @@ class ReferenceTeacher:
         )
         self.stats.prompt_tokens += completion.prompt_tokens
         self.stats.completion_tokens += completion.completion_tokens
-        text = _first_paragraph(completion.text)
+        text = clean_reflection(completion.text)
         if not text:
             self.stats.malformed += 1
             return template_text
@@ -234,11 +234,3 @@ class ReferenceTeacher:
         """Close the reflection backend, if any."""
         if self.reflection_backend is not None:
             await self.reflection_backend.aclose()
-
-
-def _first_paragraph(text: str) -> str:
-    cleaned = parse_step(text).reflection if text.lstrip().startswith("Reflection:") else text
-    cleaned = (cleaned or "").strip()
-    paragraph = cleaned.split("\n\n", 1)[0]
-    paragraph = re.split(r"\n(?:Thought|Action):", paragraph, maxsplit=1)[0]
-    return " ".join(paragraph.split())
