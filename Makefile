@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stepflow-installed
 DVC_REMOTE ?= $(HOME)/.cache/stepflow/dvc-remote
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast lint bench lock clean-venv
+.PHONY: setup run test test-fast lint bench screenshot lock clean-venv
 
 ## setup: create the virtualenv and install stepflow with pinned versions (idempotent)
 setup: $(STAMP)
@@ -48,6 +48,11 @@ lint: setup
 ## bench: run the benchmarks; results go to benchmarks/results/*.json and MLflow
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
+
+## screenshot: docs/mlflow-runs.png, the MLflow runs view comparing the agents, from the
+## store of `make run` (needs Chromium: `apt-get install chromium`)
+screenshot: setup
+	$(BIN)/python docs/screenshot_runs.py --store sqlite:///mlruns/mlflow.db --out docs/mlflow-runs.png
 
 ## lock: refresh constraints.txt from the current virtualenv
 lock:

@@ -2,12 +2,12 @@
 
 Every flow takes the params file and optional overrides (`{"training.epochs": 2}`), so a
 deployment run can change any key of params.yaml; each opens a nested MLflow run (under the
-pipeline's parent run) tagged with the Prefect flow-run id and leaves a link to it.
+pipeline's parent run, or marked as a run of its own: `stepflow.tracking`) tagged with the
+Prefect flow-run id and leaves a link to it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,15 +45,13 @@ def _prefect_tags() -> dict[str, str]:
 
 
 @contextmanager
-def tracked(params: Params, stage: str) -> Iterator[Any]:
+def tracked(params: Params, stage: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
     """An MLflow stage run, linked from the Prefect flow run."""
-    with tracking.stage_run(params, stage, tags=_prefect_tags()) as run:
-        ui = os.environ.get("STEPFLOW_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
-        link = f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    with tracking.stage_run(params, stage, tags={**_prefect_tags(), **(tags or {})}) as run:
         if flow_run.get_id() is not None:
             create_link_artifact(
                 key=f"mlflow-{stage.replace('_', '-')}",
-                link=link,
+                link=tracking.run_url(run.info.experiment_id, run.info.run_id),
                 link_text=f"MLflow run of {stage}",
             )
         yield run
@@ -93,7 +91,7 @@ def evaluate_flow(
     for agent in agents or params.evaluation.agents:
         if agent not in AGENTS:
             raise ValueError(f"unknown agent {agent!r}; choose from {', '.join(AGENTS)}")
-        with tracked(params, f"evaluate_{agent}"):
+        with tracked(params, f"evaluate_{agent}", tags={"stepflow.agent": agent}):
             results[agent] = evaluate_task(params, agent)
             log_evaluation(params, agent, results[agent])
     return results
@@ -103,20 +101,24 @@ def evaluate_flow(
 def report_flow(
     params_path: str = "params.yaml", overrides: Overrides = None, end_pipeline: bool = True
 ) -> str:
-    """The comparison report; closes the pipeline's parent MLflow run."""
+    """The comparison report; under `dvc repro` it closes the pipeline's parent MLflow run."""
     params = load(params_path, overrides)
-    with tracked(params, "report"):
+    with tracked(params, "report") as run:
         markdown = report_task(params)
-    if end_pipeline:
+    if end_pipeline and tracking.stages_run_by_dvc():
         tracking.end_pipeline_run(params)
+    view = tracking.runs_view_url(run.info.experiment_id)
+    print(f"MLflow, the agents side by side: {view}")
+    if flow_run.get_id() is not None:
+        create_link_artifact(key="mlflow-agents", link=view, link_text="MLflow: agents compared")
     return markdown
 
 
 @flow(name="step_pipeline", log_prints=True)
 def step_pipeline(params_path: str = "params.yaml", overrides: Overrides = None) -> str:
     """The whole method: prepare → init_sft → synthesize → train golden/step/step_nomask →
-    evaluate → report."""
-    try:
+    evaluate → report; one MLflow parent run holds the stage runs."""
+    with tracking.pipeline_run(load(params_path, overrides)):
         prepare_flow(params_path, overrides)
         train_flow("init_sft", params_path, overrides)
         synthesize_flow(params_path, overrides)
@@ -124,6 +126,3 @@ def step_pipeline(params_path: str = "params.yaml", overrides: Overrides = None)
             train_flow(variant, params_path, overrides)
         evaluate_flow(None, params_path, overrides)
         return report_flow(params_path, overrides)
-    except BaseException:
-        tracking.end_pipeline_run(load(params_path, overrides), status="FAILED")
-        raise

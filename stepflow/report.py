@@ -26,10 +26,12 @@ AGENT_LABELS = {
 
 @dataclass
 class Report:
-    """The files a report wrote and its Markdown text."""
+    """The files a report wrote, its Markdown text and its results table (one row per split and
+    agent: the overall figures)."""
 
     markdown: str
     files: list[Path] = field(default_factory=list)
+    table: list[dict] = field(default_factory=list)
 
 
 def _ci(interval: Interval) -> str:
@@ -86,6 +88,32 @@ def markdown_table(results: dict[str, AgentMetrics], split: str, params: Params)
         ]
         lines.append(f"| {agent} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary_rows(results: dict[str, AgentMetrics], split: str, params: Params) -> list[dict]:
+    """One row per agent: the overall figures of `split` with their intervals."""
+    rows = []
+    for agent, metrics in results.items():
+        o = metrics.overall
+        rows.append(
+            {
+                "split": split,
+                "agent": agent,
+                "label": AGENT_LABELS.get(agent, agent),
+                "success": round(o.success.mean, 4),
+                "success_ci_low": round(o.success.low, 4),
+                "success_ci_high": round(o.success.high, 4),
+                "reward": round(o.reward.mean, 4),
+                "reward_ci_low": round(o.reward.low, 4),
+                "reward_ci_high": round(o.reward.high, 4),
+                "episodes": o.episodes,
+                "failed_episodes": o.failed_episodes,
+                "train_trajectories": training_size(params, agent),
+                "parse_failure_rate": round(o.parse_failure_rate, 4),
+                "invalid_action_rate": round(o.invalid_action_rate, 4),
+            }
+        )
+    return rows
 
 
 def per_task_rows(results: dict[str, AgentMetrics], split: str) -> list[dict]:
@@ -203,6 +231,7 @@ def build_report(params: Params) -> Report:
     out = Path(params.paths.reports)
     sections = ["# stepflow results", ""]
     rows: list[dict] = []
+    table: list[dict] = []
     files: list[Path] = []
     for split in params.evaluation.splits:
         results = {
@@ -218,6 +247,7 @@ def build_report(params: Params) -> Report:
             )
         sections += [markdown_table(results, split, params), ""]
         rows += per_task_rows(results, split)
+        table += summary_rows(results, split, params)
         for name, data in (
             (f"success_by_task_{split}.png", plot_success_by_task(results, split)),
             (f"reward_vs_data_{split}.png", plot_reward_vs_data(results, params, split)),
@@ -256,4 +286,4 @@ def build_report(params: Params) -> Report:
     writer.writerows(rows)
     atomic_write_text(out / "per_task.csv", buffer.getvalue())
     files = [out / "results.md", out / "per_task.csv", *files]
-    return Report(markdown=markdown, files=files)
+    return Report(markdown=markdown, files=files, table=table)

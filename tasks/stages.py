@@ -144,6 +144,14 @@ def evaluate_task(params: Params, agent: str) -> dict[str, dict[str, float]]:
     return {split: metrics.flat() for split, metrics in results.items()}
 
 
+def mlflow_metric_name(split: str, name: str) -> str:
+    """The MLflow name of an evaluation figure: `<split>/<figure>` for the overall figures
+    (`test/success`, `test/success_ci_low`, `test/reward`, ...: they sort together) and
+    `<split>/task/<task type>/<figure>` for those of one task type (`reward/<task>`)."""
+    figure, _, task = name.partition("/")
+    return f"{split}/task/{task}/{figure}" if task else f"{split}/{figure}"
+
+
 def log_evaluation(params: Params, agent: str, figures: dict[str, dict[str, float]]) -> None:
     """Log an agent's evaluation (figures and files) to the active MLflow run."""
     import mlflow
@@ -151,7 +159,8 @@ def log_evaluation(params: Params, agent: str, figures: dict[str, dict[str, floa
     from stepflow.evaluation import eval_paths
 
     for split, flat in figures.items():
-        tracking.log_metrics({f"{split}/{k}": v for k, v in flat.items()})
+        # 4 decimals: the UI shows 0.0583, not 0.058333333333333334
+        tracking.log_metrics({mlflow_metric_name(split, k): round(v, 4) for k, v in flat.items()})
         for path in eval_paths(params, agent, split):
             mlflow.log_artifact(str(path), artifact_path=f"evaluation/{agent}")
     overall = {
@@ -167,7 +176,8 @@ def log_evaluation(params: Params, agent: str, figures: dict[str, dict[str, floa
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(params: Params) -> str:
-    """The comparison table and plots; also shown in Prefect and MLflow."""
+    """The comparison table and plots; also shown in Prefect and MLflow (the results table and
+    the plots go on the pipeline's parent run too)."""
     import mlflow
 
     from stepflow.report import build_report
@@ -175,6 +185,7 @@ def report_task(params: Params) -> str:
     report = build_report(params)
     for path in report.files:
         mlflow.log_artifact(str(path), artifact_path="report")
+    tracking.log_results(mlflow.active_run().info.run_id, report.table, report.files)
     create_markdown_artifact(
         key="step-results", markdown=report.markdown, description="STeP vs baselines"
     )

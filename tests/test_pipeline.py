@@ -1,5 +1,6 @@
 """The main job: `dvc repro` of the whole pipeline on a tiny configuration, for real
-(DVC, Prefect flows in ephemeral mode, MLflow on SQLite, ScienceWorld, the embedded model)."""
+(DVC, Prefect flows in ephemeral mode, MLflow on SQLite, ScienceWorld, the embedded model), and
+what the MLflow UI shows of it (a real `mlflow server`, its REST API and headless Chromium)."""
 
 from __future__ import annotations
 
@@ -82,14 +83,31 @@ def project(tmp_path_factory, embedded_dir) -> tuple[Path, dict]:
     return root, env
 
 
+@pytest.fixture(scope="module")
+def first_repro(project, tmp_path_factory) -> tuple[str, str]:
+    """The first `dvc repro` of the tiny project: its output and a copy of the MLflow store as
+    it left it (later tests change the project's own store)."""
+    root, env = project
+    first = _run(["dvc", "repro"], root, env)
+    snapshot = tmp_path_factory.mktemp("store") / "mlflow.db"
+    shutil.copy(root / "mlruns" / "mlflow.db", snapshot)
+    return first.stdout, f"sqlite:///{snapshot}"
+
+
+def _pipeline_runs(client, experiment_id: str) -> list:
+    runs = client.search_runs([experiment_id], "tags.`stepflow.kind` = 'pipeline'")
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
 @pytest.mark.slow
-def test_dvc_repro_end_to_end(project) -> None:
+def test_dvc_repro_end_to_end(project, first_repro) -> None:
     import mlflow
     from mlflow import MlflowClient
 
     root, env = project
-    first = _run(["dvc", "repro"], root, env)
-    assert _stages_run(first.stdout) == STAGES
+    first_output, _ = first_repro
+    assert _stages_run(first_output) == STAGES
+    assert "MLflow, the agents side by side: http" in first_output
 
     for path in (
         "data/manifest.json",
@@ -142,3 +160,132 @@ def test_dvc_repro_end_to_end(project) -> None:
     _run(["git", "commit", "-qm", "first repro"], root, env)
     third = _run(["dvc", "exp", "run", "-S", "training.learning_rate=0.0003"], root, env)
     assert _stages_run(third.stdout) == STAGES - {"prepare"}, third.stdout
+    # the experiment's stages form a pipeline run of their own
+    first_pipeline, latest = _pipeline_runs(client, experiment.experiment_id)
+    assert first_pipeline.info.run_id == parents[0].info.run_id
+    assert latest.info.status == "FINISHED"
+
+    # the report flow started on its own reads the latest pipeline run's outputs: it nests
+    # under that run, named as a rerun, and opens no pipeline run
+    _run([sys.executable, "-m", "flows", "report"], root, env)
+    assert len(_pipeline_runs(client, experiment.experiment_id)) == 2
+    (rerun,) = client.search_runs(
+        [experiment.experiment_id], "attributes.run_name = 'report (rerun)'"
+    )
+    assert rerun.data.tags["mlflow.parentRunId"] == latest.info.run_id
+    assert client.get_run(latest.info.run_id).info.status == "FINISHED"
+
+
+def _api(base: str, path: str, body: dict | None = None) -> dict:
+    """One call of the MLflow server's REST API (GET, or POST with a JSON body)."""
+    import json
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+@pytest.mark.slow
+def test_mlflow_ui_compares_the_agents(first_repro, tmp_path) -> None:
+    """The real MLflow UI server on the pipeline's store: the experiment is a training
+    experiment, the pipeline run holds the stage runs and the results table, the evaluation
+    runs carry the headline metrics, and the runs page a person opens shows them."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from mlflow import MlflowClient
+
+    from stepflow import mlflow_ui, tracking
+
+    _, store = first_repro
+    # an experiment with no runs in the same store: the page check must fail on it
+    empty_id = MlflowClient(store).create_experiment(
+        "empty", artifact_location=(tmp_path / "empty").as_uri()
+    )
+    with mlflow_ui.mlflow_server(store, log_file=tmp_path / "server.log") as base:
+        experiment = _api(base, "experiments/get-by-name?experiment_name=stepflow")["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert (
+            "metrics.`test/success`" in tracking.saved_view_state(tags, "agents")["selectedColumns"]
+        )
+
+        found = _api(
+            base,
+            "runs/search",
+            {"experiment_ids": [experiment["experiment_id"]], "max_results": 200},
+        )["runs"]
+        runs = [
+            {
+                "id": r["info"]["run_id"],
+                "name": r["info"]["run_name"],
+                "status": r["info"]["status"],
+                "tags": {t["key"]: t["value"] for t in r["data"].get("tags", [])},
+                "metrics": {m["key"]: m["value"] for m in r["data"].get("metrics", [])},
+            }
+            for r in found
+        ]
+        (parent,) = [r for r in runs if r["tags"].get("stepflow.kind") == "pipeline"]
+        assert parent["name"] == "step_pipeline" and parent["status"] == "FINISHED"
+        children = {
+            r["name"]: r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["id"]
+        }
+        agents = ["base", "init_sft", "golden", "step", "step_nomask"]
+        assert set(children) == {
+            "prepare",
+            "init_sft",
+            "synthesize",
+            "train_golden",
+            "train_step",
+            "train_step_nomask",
+            *(f"evaluate_{agent}" for agent in agents),
+            "report",
+        }
+        assert len(runs) == 1 + len(children)  # nothing outside the pipeline run
+        for agent in agents:
+            metrics = children[f"evaluate_{agent}"]["metrics"]
+            for figure in ("success", "reward"):
+                low, mean, high = (
+                    metrics[f"test/{figure}{part}"] for part in ("_ci_low", "", "_ci_high")
+                )
+                assert 0.0 <= low <= mean <= high <= 1.0, (agent, figure, low, mean, high)
+            assert "test/task/find-non-living-thing/reward" in metrics
+
+        listed = _api(base, f"artifacts/list?run_id={parent['id']}")
+        assert {f["path"] for f in listed["files"]} >= {"results_table.json", "report"}
+        report = _api(base, f"artifacts/list?run_id={parent['id']}&path=report")
+        assert "report/success_by_task_test.png" in {f["path"] for f in report["files"]}
+        query = urllib.parse.urlencode({"path": "results_table.json", "run_uuid": parent["id"]})
+        with urllib.request.urlopen(f"{base}/get-artifact?{query}", timeout=30) as answer:
+            table = json.loads(answer.read())
+        column = table["columns"].index("agent")
+        assert sorted(row[column] for row in table["data"]) == sorted(agents)
+
+        # the page a person opens (headless Chromium renders the JavaScript app)
+        if mlflow_ui.chromium() is None:
+            if os.environ.get("CI"):
+                pytest.fail("chromium is not installed (.ci/run installs it)")
+            pytest.skip("chromium is not installed (apt-get install chromium)")
+        url = tracking.runs_view_url(experiment["experiment_id"], base)
+        text = mlflow_ui.page_text(url)
+        mlflow_ui.check_runs_page(
+            text,
+            [f"evaluate_{agent}" for agent in agents],
+            ["test/success", "test/success_ci_low", "test/reward", "test/reward_ci_high"],
+        )
+        assert mlflow_ui.runs_shown(text) == len(agents)
+        assert "train_step" not in text and "synthesize" not in text  # the view: agents only
+        picture = mlflow_ui.screenshot(url, tmp_path / "runs.png", width=1200, height=700)
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert int.from_bytes(picture.read_bytes()[16:20], "big") == 1200  # PNG width
+
+        # the same check fails on a runs page with no runs
+        empty = mlflow_ui.page_text(tracking.runs_view_url(empty_id, base, view=None))
+        assert mlflow_ui.runs_shown(empty) == 0
+        with pytest.raises(AssertionError, match="shows no runs"):
+            mlflow_ui.check_runs_page(empty, [], [])
