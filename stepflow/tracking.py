@@ -13,8 +13,8 @@ reads, named `<stage> (rerun)`, or, when there is none, is a top-level run named
 `<stage> (stand-alone)`.
 
 The experiment is tagged as a model-development experiment and carries a saved runs view,
-`Agents`: the evaluation runs with their headline metrics (`test/success`, `test/reward` and
-their confidence intervals) as columns, best first.
+`Agents`: the evaluation runs with their headline metrics (`test/reward`, `test/success` and
+their confidence intervals) as columns, highest average reward first.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,22 +53,22 @@ NOTE_TAG = "mlflow.note.content"
 # "Views" and opens it from `?viewStateShareKey=<key>`
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 AGENTS_VIEW = "agents"
-AGENTS_VIEW_NAME = "Agents: success and reward"
+AGENTS_VIEW_NAME = "Agents: reward and success"
 # the evaluation metrics every agent is compared on, per split (`test/success`, ...)
 HEADLINE_METRICS = (
-    "success",
-    "success_ci_low",
-    "success_ci_high",
     "reward",
     "reward_ci_low",
     "reward_ci_high",
+    "success",
+    "success_ci_low",
+    "success_ci_high",
 )
 RESULTS_TABLE = "results_table.json"
 EXPERIMENT_NOTE = f"""STeP agents trained and evaluated by stepflow.
 
 * Compare the agents: **Views → {AGENTS_VIEW_NAME}** (the `evaluate_*` runs with
-  `test/success`, `test/reward` and their 95% confidence intervals, best first); select runs and
-  press **Compare** to see them side by side.
+  `test/reward`, `test/success` and their 95% confidence intervals, highest reward first); select
+  runs and press **Compare** to see them side by side.
 * Each `{PIPELINE_RUN_NAME}` run is one pipeline run: its stages are nested under it, and it holds
   the results table (`{RESULTS_TABLE}`) and the report's plots (`report/`).
 * `<stage> (rerun)`: a stage run on its own, nested under the pipeline run whose outputs it read;
@@ -106,12 +107,12 @@ def run_url(experiment_id: str, run_id: str, base: str | None = None) -> str:
 
 def agents_view_state(splits: Sequence[str]) -> dict[str, Any]:
     """The runs-table state of the `Agents` view: evaluation runs, headline metrics as columns,
-    highest success rate of the first split first."""
+    highest average reward of the first split first (success rates tie at 0 on small runs)."""
     names = [f"{split}/{name}" for split in splits for name in HEADLINE_METRICS]
     columns = [f"metrics.`{name}`" for name in names]
     return {
         "searchFilter": "attributes.run_name LIKE 'evaluate%'",
-        "orderByKey": f"metrics.`{splits[0]}/success`",
+        "orderByKey": f"metrics.`{splits[0]}/reward`",
         "orderByAsc": False,
         "selectedColumns": columns,
         "columnOrder": columns,
@@ -348,12 +349,19 @@ def log_results(run_id: str, table: Sequence[Mapping[str, Any]], files: Sequence
     client = MlflowClient()
     target = client.get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
     if table:
+        import pandas as pd
+
         columns = list(dict.fromkeys(key for row in table for key in row))
-        client.log_table(
-            target,
-            data={column: [row.get(column) for row in table] for column in columns},
-            artifact_file=RESULTS_TABLE,
-        )
+        data = pd.DataFrame({column: [row.get(column) for row in table] for column in columns})
+        if RESULTS_TABLE in {a.path for a in client.list_artifacts(target)}:
+            # a rerun replaces the table (`log_table` would append its rows to the old ones);
+            # the file is what `log_table` writes
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / RESULTS_TABLE
+                data.to_json(path, orient="split", index=False, date_format="iso")
+                client.log_artifact(target, str(path))
+        else:
+            client.log_table(target, data=data, artifact_file=RESULTS_TABLE)
     for path in files:
         client.log_artifact(target, str(path), artifact_path="report")
     return target

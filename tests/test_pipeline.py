@@ -85,13 +85,14 @@ def project(tmp_path_factory, embedded_dir) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def first_repro(project, tmp_path_factory) -> tuple[str, str]:
-    """The first `dvc repro` of the tiny project: its output and a copy of the MLflow store as
-    it left it (later tests change the project's own store)."""
+    """The first `dvc repro` of the tiny project: its output (stdout, then the stages' logs on
+    stderr) and a copy of the MLflow store as it left it (later tests change the project's own
+    store)."""
     root, env = project
     first = _run(["dvc", "repro"], root, env)
     snapshot = tmp_path_factory.mktemp("store") / "mlflow.db"
     shutil.copy(root / "mlruns" / "mlflow.db", snapshot)
-    return first.stdout, f"sqlite:///{snapshot}"
+    return f"{first.stdout}\n{first.stderr}", f"sqlite:///{snapshot}"
 
 
 def _pipeline_runs(client, experiment_id: str) -> list:

@@ -56,13 +56,12 @@ def test_the_experiment_is_a_training_experiment_with_the_agents_view(
     assert "Views" in tags[tracking.NOTE_TAG]
     view = tracking.saved_view_state(tags, tracking.AGENTS_VIEW)
     assert view is not None
-    assert view["selectedColumns"][:4] == [
-        "metrics.`test/success`",
-        "metrics.`test/success_ci_low`",
-        "metrics.`test/success_ci_high`",
-        "metrics.`test/reward`",
+    assert view["selectedColumns"] == [
+        f"metrics.`test/{figure}{part}`"
+        for figure in ("reward", "success")
+        for part in ("", "_ci_low", "_ci_high")
     ]
-    assert view["orderByKey"] == "metrics.`test/success`" and view["orderByAsc"] is False
+    assert view["orderByKey"] == "metrics.`test/reward`" and view["orderByAsc"] is False
     assert "evaluate" in view["searchFilter"]
     url = tracking.runs_view_url(experiment_id, "http://ui")
     assert url == (
@@ -187,6 +186,15 @@ def test_the_results_table_and_plots_go_on_the_pipeline_run(
     table = mlflow.load_table(tracking.RESULTS_TABLE, run_ids=[parent])
     assert table["agent"].tolist() == ["step", "golden"]
     assert table["success"].tolist() == [0.5, 0.25]
+
+    # the report run again on its own: the pipeline run's table is replaced, not appended to
+    with tracking.stage_run(params, "report") as rerun:
+        assert rerun.info.run_name == "report (rerun)"
+        tracking.log_results(rerun.info.run_id, rows[:1], [plot])
+    table = mlflow.load_table(tracking.RESULTS_TABLE, run_ids=[parent])
+    assert table["agent"].tolist() == ["step"]
+    tags = MlflowClient().get_run(parent).data.tags
+    assert '"type": "table"' in tags["mlflow.loggedArtifacts"]  # the UI lists it as a table
 
 
 def test_evaluation_metric_names_keep_the_headline_figures_together() -> None:
