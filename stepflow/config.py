@@ -228,7 +228,8 @@ class GoldenConfig(Strict):
     thoughts: Literal["teacher", "template", "none"] = "template"
     compress: bool = Field(
         default=False,
-        description="ScienceWorld with teleportation (`easy`): each run of navigation "
+        description="ScienceWorld with teleportation (`easy`; other environments ignore "
+        "it): each run of navigation "
         "(`open door to X`, `go to X`) becomes `teleport to <room>` and no-op actions are "
         "dropped; kept only if its replay reaches score 100, else the original path",
     )
@@ -533,15 +534,20 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _compress_needs_teleport(self) -> Params:
-        if not self.golden.compress:
+        if not self.golden.compress or self.env.name != "scienceworld":
             return self
         options = set(self.env.simplification.split(","))
-        if self.env.name != "scienceworld" or not options & {"easy", "teleportAction"}:
+        if not options & {"easy", "teleportAction"}:
             raise ValueError(
                 "golden.compress needs ScienceWorld with teleportation "
-                "(env.simplification 'easy' or 'teleportAction')"
+                "(env.simplification 'easy' or 'teleportAction'); set it to false"
             )
         return self
+
+    @property
+    def compresses_golden(self) -> bool:
+        """Whether prepare shortens gold paths (`golden.compress`, ScienceWorld only)."""
+        return self.golden.compress and self.env.name == "scienceworld"
 
     @model_validator(mode="after")
     def _served_adapters_fit(self) -> Params:

@@ -210,13 +210,18 @@ def prepare(
         u1_by_task: dict[str, list[TaskInstance]] = {}
         for instance in manifest.select("u1"):
             u1_by_task.setdefault(instance.task_type, []).append(instance)
-    candidates = list(
-        replay_all(
-            [i for group in u1_by_task.values() for i in group[:EXAMPLE_CANDIDATES]],
-            params.env,
-            workers,
-            params.golden.compress,
+    compress = params.compresses_golden
+    candidates = (
+        list(
+            replay_all(
+                [i for group in u1_by_task.values() for i in group[:EXAMPLE_CANDIDATES]],
+                params.env,
+                workers,
+                compress,
+            )
         )
+        if params.agent.one_shot
+        else []
     )
 
     def render(replay: GoldReplay, example: str | None) -> Trajectory:
@@ -232,7 +237,7 @@ def prepare(
         resumed = len(training) - len(todo)
         with progress_bar("golden replays", total=len(training), enabled=show_progress) as bar:
             bar.advance(resumed)
-            for replay in replay_all(todo, params.env, workers, params.golden.compress):
+            for replay in replay_all(todo, params.env, workers, compress):
                 work_log.append(render(replay, example_for(examples, replay.instance)))
                 replayed += 1
                 bar.advance(1)
