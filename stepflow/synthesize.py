@@ -66,6 +66,7 @@ class SynthesisSummary:
     reflection_turns: int = 0
     teacher_steps: int = 0
     truncated_turns: int = 0
+    fitted_prompts: int = 0
     accepted_share: float = 0.0
     reflection_token_share: float | None = None
     own_fraction: dict[str, float] = field(default_factory=dict)
@@ -240,6 +241,7 @@ def synthesize(
         reflection_turns=_count_kind(keep, "reflection"),
         teacher_steps=sum(t.stats.rewinds for t in keep),
         truncated_turns=sum(t.stats.truncated for t in episodes),
+        fitted_prompts=sum(t.stats.fitted_prompts for t in episodes),
         accepted_share=round(accepted_turns / assistant_turns, 4) if assistant_turns else 0.0,
         reflection_token_share=reflection_token_share(keep, params),
         own_fraction=own_fraction_summary(keep),
