@@ -39,7 +39,9 @@ def test_truncated_turns_are_summed_per_agent_and_reported(params_file) -> None:
     task = episodes[0].task_type
     assert flat[f"truncated_turns/{task}"] == 4
     table = markdown_table({"step": metrics}, "test", load_params(params_file))
-    header, _, row = table.splitlines()[2:5]
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| agent | avg reward"))
+    header, _, row = lines[start : start + 3]
     columns = [c.strip() for c in header.strip("|").split("|")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert columns.index("truncated turns") == columns.index("parse failures / step") + 1
