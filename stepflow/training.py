@@ -36,6 +36,8 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json, atomic_write_text
 from stepflow.masking import IGNORE_INDEX, MaskStats, build_examples
-from stepflow.modeling import device, load_model, load_tokenizer, torch_dtype
+from stepflow.modeling import compute_dtype, device, load_model, load_tokenizer, training_method
 from stepflow.provenance import code_version, file_sha256, utc_now
 from stepflow.trajectory import load_trajectories
 
@@ -119,12 +121,12 @@ def variant_files(params: Params, variant: str) -> list[Path]:
     return paths
 
 
-BOOKKEEPING_KEYS = {"save_steps", "logging_steps"}
+BOOKKEEPING_KEYS = {"save_steps", "logging_steps", "threads"}
 
 
 def run_key(params: Params, variant: str, data_hashes: dict[str, str]) -> str:
     """A hash of everything that determines a training run's result (data, training params
-    except checkpoint and logging intervals, base model, seed)."""
+    except checkpoint and logging intervals and threads, base model, seed)."""
     training = params.training.model_dump(mode="json", exclude=BOOKKEEPING_KEYS)
     identity = {
         "variant": variant,
@@ -234,16 +236,17 @@ def _prepare_model(params: Params):
 
     cfg = params.training
     set_seed(params.seed)
-    method = "qlora" if cfg.method == "qlora" else "full"
-    model = load_model(params.student.model, method=method, dtype=params.student.dtype)
+    method = training_method(cfg.method)
+    weights = "qlora" if method == "qlora" else "full"
+    model = load_model(params.student.model, method=weights, dtype=params.student.dtype)
     model.config.use_cache = False
-    if cfg.method == "qlora":
+    if method == "qlora":
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    if cfg.method == "full":
+    if method == "full":
         return model
     lora = LoraConfig(
         r=cfg.lora.r,
@@ -284,9 +287,25 @@ def ddp_backend(params: Params) -> str | None:
     return "nccl" if device() == "cuda" else "gloo"
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run torch on `threads` threads inside the block (None: leave them as they are).
+
+    On a CPU shared with other processes, one thread is the fast setting: two OpenMP threads
+    wait for each other at every op whenever another process holds a core.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _training_args(params: Params, checkpoints: Path) -> TrainingArguments:
     cfg = params.training
-    dtype = torch_dtype(params.student.dtype)
+    dtype = compute_dtype(cfg.compute_dtype, params.student.dtype)
     on_gpu = device() == "cuda"
     warmup: float = cfg.warmup_ratio if cfg.warmup_ratio < 1 else 0.999
     return TrainingArguments(
@@ -306,8 +325,8 @@ def _training_args(params: Params, checkpoints: Path) -> TrainingArguments:
         save_total_limit=2,
         seed=params.seed,
         data_seed=params.seed,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
+        bf16=dtype == torch.bfloat16,  # autocast, on a CPU too (training.compute_dtype)
+        fp16=dtype == torch.float16,
         train_sampling_strategy=(
             "group_by_length" if cfg.packing == "length_grouped" else "random"
         ),
@@ -438,6 +457,8 @@ def train_variant(
         log_to_active_run(stats.as_dict(), step=0, prefix="data/")
 
     model = _prepare_model(params)
+    method = training_method(cfg.method)  # as resolved on this machine, for the card
+    dtype = str(compute_dtype(cfg.compute_dtype, params.student.dtype)).removeprefix("torch.")
     meter = TokenMeter()
     trainer = MeteredTrainer(
         model=model,
@@ -449,7 +470,8 @@ def train_variant(
     )
     start = last_checkpoint(checkpoints) if resume else None
     began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    with torch_threads(cfg.threads):
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
     seconds = time.perf_counter() - began
     history = list(trainer.state.log_history)
     final_loss = _final_loss(history)
@@ -457,7 +479,7 @@ def train_variant(
     meta = {
         "variant": variant,
         "description": spec.description,
-        "artifact": "full_model" if cfg.method == "full" else "lora_adapter",
+        "artifact": "full_model" if method == "full" else "lora_adapter",
         "base_model": params.student.model,
         "dtype": params.student.dtype,
         "masking": "partial" if spec.mask_erroneous else "none",
@@ -466,7 +488,7 @@ def train_variant(
             {"file": name, "sha256": digest, "trajectories": counts[name]}
             for name, digest in hashes.items()
         ],
-        "training": cfg.model_dump(mode="json"),
+        "training": {**cfg.model_dump(mode="json"), "method": method, "compute_dtype": dtype},
         "seed": params.seed,
         "token_stats": stats.as_dict(),
         "global_step": trainer.state.global_step,
