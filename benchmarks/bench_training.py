@@ -7,9 +7,11 @@ and each one's figure is the median over `--repeats`. The matmul peak of every d
 configurations compute in (benchmarks/bench_matmul.py) is measured between rounds.
 
 Suites:
-- `speed` (default): the defaults before and after the CPU speed work, and the steps in
-  between, on the default model, params.yaml's training section and trajectories shaped like
-  ScienceWorld golden ones (~800 tokens, ~15% trained). Writes benchmarks/results/training.json.
+- `speed` (default): the defaults before and after the CPU speed work and the steps in
+  between, one change at a time (QLoRA -> LoRA, checkpointing off, bf16 matmuls, the LM head
+  only where a token is trained), on the default model, params.yaml's training section and
+  trajectories shaped like ScienceWorld golden ones (~800 tokens, ~15% of them trained).
+  Writes benchmarks/results/training.json.
 - `packing`: padding-free packing vs length grouping vs padding (QLoRA fp32, batches of 4
   trajectories of up to 512 tokens). Writes benchmarks/results/training_packing.json.
 
@@ -19,8 +21,9 @@ the LM head; 134.5M for SmolLM2-135M), N_a = trainable adapter weights:
   2N (no weight gradients of the base), forward + both backward products of the adapters 6N_a;
 - full fine-tuning: 6N.
 Attention's score products are not counted (they are reported apart as `attention_share`),
-nor is recomputation under gradient checkpointing, nor 4-bit dequantization: the yardstick
-is the same for every configuration, so fractions of peak compare like tokens/s do.
+nor is recomputation under gradient checkpointing, nor 4-bit dequantization, and the LM head
+counts on every position even where it is skipped: the yardstick is the same for every
+configuration, so fractions of peak compare like tokens/s do.
 
     python benchmarks/bench_training.py [--suite speed|packing] [--steps 2] [--repeats 3]
 """
@@ -39,11 +42,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from stepflow import training
 from stepflow.config import load_params
 from stepflow.jsonl import atomic_write_json
 from stepflow.modeling import compute_dtype, training_method
 from stepflow.provenance import code_version, utc_now
-from stepflow.training import train_variant
 from stepflow.trajectory import Provenance, Trajectory, Turn, write_trajectories
 
 try:
@@ -54,21 +57,26 @@ except ModuleNotFoundError:  # run as a script: its directory is on the path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-# configurations: overrides of params.yaml
+# configurations: overrides of params.yaml; FULL_LOGITS: the LM head on every position, as
+# before `stepflow.training.trained_logits_only`
+FULL_LOGITS = "lm_head_on_all_positions"
 BEFORE = {  # the defaults before: QLoRA, gradient checkpointing, fp32 matmuls
     "training.method": "qlora",
     "training.gradient_checkpointing": True,
     "training.compute_dtype": "float32",
+    FULL_LOGITS: True,
 }
 SUITES: dict[str, dict[str, dict]] = {
-    "speed": {
+    "speed": {  # from before to after, one change at a time
         "before": BEFORE,
         "qlora_no_checkpointing": {**BEFORE, "training.gradient_checkpointing": False},
         "lora_fp32": {
             "training.method": "lora",
             "training.gradient_checkpointing": False,
             "training.compute_dtype": "float32",
+            FULL_LOGITS: True,
         },
+        "lora_bf16": {FULL_LOGITS: True},
         "after": {},  # params.yaml: LoRA on a CPU, no checkpointing, bf16 matmuls here
     },
     "packing": {
@@ -211,19 +219,26 @@ def model_flops(params_path: Path) -> dict:
 
 def run(name: str, config: dict, common: dict, params_path: Path, workdir: Path) -> dict:
     """One short training run of a configuration; its throughput figures."""
-    params = load_params(params_path, {**RUN, **config, **common})
+    overrides = {key: value for key, value in config.items() if key != FULL_LOGITS}
+    params = load_params(params_path, {**RUN, **overrides, **common})
     clock = LogClock()
     load_before = machine_load()
-    began = time.perf_counter()
-    result = train_variant(
-        params,
-        "init_sft",
-        work_root=workdir / "work",
-        resume=False,
-        out_dir=workdir / name,
-        callbacks=[clock],
-    )
-    wall = time.perf_counter() - began
+    trim = training.trained_logits_only
+    if config.get(FULL_LOGITS):
+        training.trained_logits_only = lambda inputs: inputs
+    try:
+        began = time.perf_counter()
+        result = training.train_variant(
+            params,
+            "init_sft",
+            work_root=workdir / "work",
+            resume=False,
+            out_dir=workdir / name,
+            callbacks=[clock],
+        )
+        wall = time.perf_counter() - began
+    finally:
+        training.trained_logits_only = trim
     logs = [entry for entry in result.log_history if "tokens_per_second" in entry]
     seconds = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
     steps = params.training.max_steps
@@ -244,6 +259,7 @@ def run(name: str, config: dict, common: dict, params_path: Path, workdir: Path)
             compute_dtype(params.training.compute_dtype, params.student.dtype)
         ).removeprefix("torch."),
         "gradient_checkpointing": params.training.gradient_checkpointing,
+        "lm_head": "all positions" if config.get(FULL_LOGITS) else "trained positions",
         "wall_seconds_with_load": round(wall, 2),
         "load_average_1_5_15": [load_before, machine_load()],
     }
@@ -327,6 +343,7 @@ def main() -> None:
             "method": first["method"],
             "compute_dtype": first["compute_dtype"],
             "gradient_checkpointing": first["gradient_checkpointing"],
+            "lm_head": first["lm_head"],
             "threads": threads,
             "tokens_per_second": round(tps, 2),
             "tokens_per_second_runs": [r["tokens_per_second"] for r in results],

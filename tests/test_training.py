@@ -25,6 +25,7 @@ from stepflow.training import (
     batch_collator,
     last_checkpoint,
     train_variant,
+    trained_logits_only,
     variant_files,
 )
 from stepflow.trajectory import write_trajectories
@@ -122,6 +123,37 @@ def test_padding_free_batch_equals_padded_batch(tokenizer) -> None:
         loss_flat = model(**flat).loss
         loss_padded = model(**padded).loss
     assert torch.allclose(loss_flat, loss_padded, atol=1e-4), (loss_flat, loss_padded)
+
+
+@pytest.mark.parametrize("packing", ["padding_free", "none"])
+def test_lm_head_on_trained_positions_only_keeps_loss_and_gradients(tokenizer, packing) -> None:
+    """Training computes the LM head only where the next token is trained: same loss (same
+    sum, same count) and same gradients as the full logits, packed or padded."""
+    examples, _ = build_examples(sample_set(), tokenizer, max_seq_len=512)
+    batch = batch_collator(packing, tokenizer)(examples)
+    trimmed = trained_logits_only(batch)
+    trained = int((batch["labels"][..., 1:] != -100).sum())
+    assert 0 < int(trimmed["logits_to_keep"].sum()) == trained < batch["input_ids"].numel() / 2
+    model = load_model("embedded")
+    model.config.use_cache = False
+    # gradients of the last layer and the final norm: the backward pass stops there
+    model.requires_grad_(False)
+    watched = [model.model.layers[-1].mlp.up_proj.weight, model.model.norm.weight]
+    for weight in watched:
+        weight.requires_grad_(True)
+    count = torch.tensor(trained)
+    losses, grads = [], []
+    for inputs in (batch, trimmed):
+        model.zero_grad()
+        out = model(**inputs, num_items_in_batch=count)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append([weight.grad.clone() for weight in watched])
+    assert out.logits.shape == (trained, model.config.vocab_size)
+    assert torch.allclose(losses[1], losses[0], rtol=1e-5), losses
+    for trimmed_grad, full_grad in zip(grads[1], grads[0], strict=True):
+        assert full_grad.abs().sum() > 0
+        assert torch.allclose(trimmed_grad, full_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_masked_and_unmasked_losses_differ(tokenizer) -> None:
