@@ -14,6 +14,8 @@ Suites:
   Writes benchmarks/results/training.json.
 - `packing`: padding-free packing vs length grouping vs padding (QLoRA fp32, batches of 4
   trajectories of up to 512 tokens). Writes benchmarks/results/training_packing.json.
+- `threads`: params.yaml on one thread vs one thread per core, same data as `speed`.
+  Writes benchmarks/results/training_threads.json.
 
 Model FLOPs per trained token, N = weights the model multiplies by (every linear layer and
 the LM head; 134.5M for SmolLM2-135M), N_a = trainable adapter weights:
@@ -25,7 +27,7 @@ nor is recomputation under gradient checkpointing, nor 4-bit dequantization, and
 counts on every position even where it is skipped: the yardstick is the same for every
 configuration, so fractions of peak compare like tokens/s do.
 
-    python benchmarks/bench_training.py [--suite speed|packing] [--steps 2] [--repeats 3]
+    python benchmarks/bench_training.py [--suite speed|packing|threads] [--steps 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ SUITES: dict[str, dict[str, dict]] = {
         "lora_bf16": {FULL_LOGITS: True},
         "after": {},  # params.yaml: LoRA on a CPU, no checkpointing, bf16 matmuls here
     },
+    "threads": {  # params.yaml with one thread (its setting) and with one per core
+        "after": {},
+        "after_all_cores": {"training.threads": None},
+    },
     "packing": {
         mode: {
             **BEFORE,
@@ -95,7 +101,7 @@ RUN = {  # every run: one trajectory per step, nothing saved, every step logged
     "training.save_steps": 10_000,
     "training.logging_steps": 1,
 }
-BASELINE = {"speed": "before", "packing": "none"}
+BASELINE = {"speed": "before", "packing": "none", "threads": "after"}
 
 SYSTEM = (
     "You are a helpful agent that solves tasks in ScienceWorld, a text-based science "
@@ -302,7 +308,7 @@ def main() -> None:
     default_threads = torch.get_num_threads()
 
     rng = random.Random(0)
-    data = [golden_like(rng, i, long=args.suite == "speed") for i in range(args.trajectories)]
+    data = [golden_like(rng, i, long=args.suite != "packing") for i in range(args.trajectories)]
     workdir = Path(tempfile.mkdtemp(prefix="stepflow-bench-"))
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     peaks: dict[str, list[float]] = {}
