@@ -35,7 +35,7 @@ def placement() -> str:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16).
 
-    Where it does, bf16 matmuls run about 2.5x faster than fp32 (benchmarks/bench_matmul.py);
+    Where it does, bf16 matmuls run about 2x faster than fp32 (benchmarks/bench_matmul.py);
     elsewhere oneDNN emulates bf16 and it is slower than fp32.
     """
     try:
