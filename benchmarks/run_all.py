@@ -1,6 +1,6 @@
 """Run every benchmark and log its results to MLflow (experiment `stepflow-benchmarks`).
 
-    python -m benchmarks.run_all [--only prepare,rollout,training,serving,scaleout]
+    python -m benchmarks.run_all [--only prepare,rollout,matmul,training,serving,scaleout]
 
 Each benchmark runs in its own process and writes benchmarks/results/<name>.json; this
 script then records each file as an MLflow run: numeric figures as metrics, the file as an
@@ -19,7 +19,7 @@ from stepflow.config import load_params
 from stepflow.tracking import configure, log_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("prepare", "rollout", "training", "serving", "scaleout")
+BENCHMARKS = ("prepare", "rollout", "matmul", "training", "serving", "scaleout")
 
 
 def numeric(data: dict, prefix: str = "") -> dict[str, float]:

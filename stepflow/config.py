@@ -332,7 +332,17 @@ class DistributedConfig(Strict):
 class TrainingConfig(Strict):
     """Fine-tuning shared by every variant (init_sft, golden, step, step_nomask)."""
 
-    method: Literal["qlora", "lora", "full"] = "qlora"
+    method: Literal["auto", "qlora", "lora", "full"] = Field(
+        default="auto",
+        description="auto: qlora (4-bit base) on a GPU, lora on a CPU, where bitsandbytes "
+        "dequantizes every 4-bit weight at each use (README: Benchmarks)",
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="dtype of the matmuls (autocast; weights and adapters keep "
+        "student.dtype); auto: the student's dtype on a GPU, bfloat16 on a CPU with native "
+        "bf16 (avx512_bf16 / amx_bf16), else float32",
+    )
     lora: LoraConfig = LoraConfig()
     epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(default=-1, ge=-1, description="-1: run for `epochs`")
@@ -354,6 +364,10 @@ class TrainingConfig(Strict):
         "true/false read as padding_free/none",
     )
     gradient_checkpointing: bool = True
+    threads: PositiveInt | None = Field(
+        default=None,
+        description="torch threads while training; null: torch's default (one per core)",
+    )
     warmup_ratio: UnitInterval = 0.0
     save_steps: PositiveInt = 50
     logging_steps: PositiveInt = 1

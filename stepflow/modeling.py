@@ -32,6 +32,53 @@ def placement() -> str:
     return device()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16).
+
+    Where it does, bf16 matmuls run about 2x faster than fp32 (benchmarks/bench_matmul.py);
+    elsewhere oneDNN emulates bf16 and it is slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.partition(":")[2].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def training_method(name: str) -> Method:
+    """Resolve `training.method`: 'auto' is QLoRA on a GPU and LoRA on a CPU.
+
+    On a CPU, bitsandbytes multiplies 4-bit weights by dequantizing them to a full-precision
+    copy at every forward and backward; that costs time and, for a small model, saves no
+    memory that matters (benchmarks/bench_training.py).
+    """
+    if name == "auto":
+        return "qlora" if device() == "cuda" else "lora"
+    if name not in ("qlora", "lora", "full"):
+        raise ValueError(f"unknown training method {name!r}; known: auto, qlora, lora, full")
+    return name  # type: ignore[return-value]
+
+
+def compute_dtype(name: str, student_dtype: str = "auto") -> torch.dtype:
+    """Resolve `training.compute_dtype`, the dtype training's matmuls run in (autocast).
+
+    'auto': on a GPU the student's dtype (bf16 by default); on a CPU bf16 where the CPU has
+    native bf16 instructions (`cpu_has_native_bf16`), else fp32. Weights, LoRA adapters,
+    gradients and optimizer state stay in the student's dtype either way.
+    """
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device() == "cuda":
+        return torch_dtype(student_dtype)
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """Map a params.yaml dtype name to a torch dtype ('auto': bf16 on GPU, fp32 on CPU)."""
     import torch

@@ -29,6 +29,7 @@ run the checkpoints of earlier runs of the same variant (other data or params) a
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -36,6 +37,8 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json, atomic_write_text
 from stepflow.masking import IGNORE_INDEX, MaskStats, build_examples
-from stepflow.modeling import device, load_model, load_tokenizer, torch_dtype
+from stepflow.modeling import compute_dtype, device, load_model, load_tokenizer, training_method
 from stepflow.provenance import code_version, file_sha256, utc_now
 from stepflow.trajectory import load_trajectories
 
@@ -119,12 +122,12 @@ def variant_files(params: Params, variant: str) -> list[Path]:
     return paths
 
 
-BOOKKEEPING_KEYS = {"save_steps", "logging_steps"}
+BOOKKEEPING_KEYS = {"save_steps", "logging_steps", "threads"}
 
 
 def run_key(params: Params, variant: str, data_hashes: dict[str, str]) -> str:
     """A hash of everything that determines a training run's result (data, training params
-    except checkpoint and logging intervals, base model, seed)."""
+    except checkpoint and logging intervals and threads, base model, seed)."""
     training = params.training.model_dump(mode="json", exclude=BOOKKEEPING_KEYS)
     identity = {
         "variant": variant,
@@ -189,15 +192,36 @@ class TokenMeter:
         }
 
 
+def trained_logits_only(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch with the LM head restricted to the positions whose next token is trained.
+
+    Prompts, observations and masked steps train nothing (about 85% of a ScienceWorld
+    trajectory's tokens), yet the LM head (a 576 x 49152 matmul per token for SmolLM2, a fifth
+    of the model's FLOPs) and its log-softmax would run on them. The loss is the same sum over
+    the same targets, divided by the same count (tests/test_training.py).
+    """
+    targets = inputs.get("shift_labels")
+    if targets is None:
+        targets = torch.nn.functional.pad(inputs["labels"][..., 1:], (0, 1), value=IGNORE_INDEX)
+    keep = targets != IGNORE_INDEX
+    return {**inputs, "logits_to_keep": keep, "shift_labels": targets[keep]}
+
+
 class MeteredTrainer(Trainer):
-    """`Trainer` that counts tokens per batch and adds throughput to its logs."""
+    """`Trainer` that counts tokens per batch, adds throughput to its logs and computes the
+    LM head only where a token is trained (`trained_logits_only`, for models that take
+    `logits_to_keep`)."""
 
     def __init__(self, *args: Any, meter: TokenMeter, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.meter = meter
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.trim_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.meter.add(inputs)
+        if self.trim_logits:
+            inputs = trained_logits_only(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -254,16 +278,17 @@ def _prepare_model(params: Params):
 
     cfg = params.training
     set_seed(params.seed)
-    method = "qlora" if cfg.method == "qlora" else "full"
-    model = load_model(params.student.model, method=method, dtype=params.student.dtype)
+    method = training_method(cfg.method)
+    weights = "qlora" if method == "qlora" else "full"
+    model = load_model(params.student.model, method=weights, dtype=params.student.dtype)
     model.config.use_cache = False
-    if cfg.method == "qlora":
+    if method == "qlora":
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    if cfg.method == "full":
+    if method == "full":
         return model
     lora = LoraConfig(
         r=cfg.lora.r,
@@ -304,9 +329,25 @@ def ddp_backend(params: Params) -> str | None:
     return "nccl" if device() == "cuda" else "gloo"
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run torch on `threads` threads inside the block (None: leave them as they are).
+
+    On a CPU shared with other processes, one thread is the fast setting: two OpenMP threads
+    wait for each other at every op whenever another process holds a core.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _training_args(params: Params, checkpoints: Path) -> TrainingArguments:
     cfg = params.training
-    dtype = torch_dtype(params.student.dtype)
+    dtype = compute_dtype(cfg.compute_dtype, params.student.dtype)
     on_gpu = device() == "cuda"
     warmup: float = cfg.warmup_ratio if cfg.warmup_ratio < 1 else 0.999
     return TrainingArguments(
@@ -326,8 +367,8 @@ def _training_args(params: Params, checkpoints: Path) -> TrainingArguments:
         save_total_limit=2,
         seed=params.seed,
         data_seed=params.seed,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
+        bf16=dtype == torch.bfloat16,  # autocast, on a CPU too (training.compute_dtype)
+        fp16=dtype == torch.float16,
         train_sampling_strategy=(
             "group_by_length" if cfg.packing == "length_grouped" else "random"
         ),
@@ -464,6 +505,8 @@ def train_variant(
         log_to_active_run(stats.as_dict(), step=0, prefix="data/")
 
     model = _prepare_model(params)
+    method = training_method(cfg.method)  # as resolved on this machine, for the card
+    dtype = str(compute_dtype(cfg.compute_dtype, params.student.dtype)).removeprefix("torch.")
     meter = TokenMeter()
     trainer = MeteredTrainer(
         model=model,
@@ -475,7 +518,8 @@ def train_variant(
     )
     start = last_checkpoint(checkpoints) if resume else None
     began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    with torch_threads(cfg.threads):
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
     seconds = time.perf_counter() - began
     history = list(trainer.state.log_history)
     final_loss = _final_loss(history)
@@ -483,7 +527,7 @@ def train_variant(
     meta = {
         "variant": variant,
         "description": spec.description,
-        "artifact": "full_model" if cfg.method == "full" else "lora_adapter",
+        "artifact": "full_model" if method == "full" else "lora_adapter",
         "base_model": params.student.model,
         "dtype": params.student.dtype,
         "masking": "partial" if spec.mask_erroneous else "none",
@@ -492,7 +536,7 @@ def train_variant(
             {"file": name, "sha256": digest, "trajectories": counts[name]}
             for name, digest in hashes.items()
         ],
-        "training": cfg.model_dump(mode="json"),
+        "training": {**cfg.model_dump(mode="json"), "method": method, "compute_dtype": dtype},
         "seed": params.seed,
         "token_stats": stats.as_dict(),
         "max_trained_turn_tokens": stats.max_trained_turn_tokens,

@@ -1,4 +1,5 @@
-"""Training on partially masked trajectories with the real embedded model (QLoRA on CPU)."""
+"""Training on partially masked trajectories with the real embedded model (LoRA, the CPU
+default, and QLoRA)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ from transformers import TrainerCallback
 
 from stepflow.config import load_params
 from stepflow.masking import build_examples
-from stepflow.modeling import load_model, load_tokenizer
+from stepflow.modeling import (
+    cpu_has_native_bf16,
+    device,
+    load_model,
+    load_tokenizer,
+    training_method,
+)
 from stepflow.training import (
     VARIANTS,
+    _training_args,
     batch_collator,
     last_checkpoint,
     train_variant,
+    trained_logits_only,
     variant_files,
 )
 from stepflow.trajectory import write_trajectories
@@ -52,7 +61,6 @@ def workspace(tmp_path: Path, params_file: Path, monkeypatch) -> Path:
 def tiny_params(params_file: Path, **overrides):
     """params.yaml with a tiny, fast training section."""
     values = {
-        "training.method": "qlora",
         "training.lora.r": 8,
         "training.lora.alpha": 16,
         "training.lora.dropout": 0.0,
@@ -117,6 +125,37 @@ def test_padding_free_batch_equals_padded_batch(tokenizer) -> None:
     assert torch.allclose(loss_flat, loss_padded, atol=1e-4), (loss_flat, loss_padded)
 
 
+@pytest.mark.parametrize("packing", ["padding_free", "none"])
+def test_lm_head_on_trained_positions_only_keeps_loss_and_gradients(tokenizer, packing) -> None:
+    """Training computes the LM head only where the next token is trained: same loss (same
+    sum, same count) and same gradients as the full logits, packed or padded."""
+    examples, _ = build_examples(sample_set(), tokenizer, max_seq_len=512)
+    batch = batch_collator(packing, tokenizer)(examples)
+    trimmed = trained_logits_only(batch)
+    trained = int((batch["labels"][..., 1:] != -100).sum())
+    assert 0 < int(trimmed["logits_to_keep"].sum()) == trained < batch["input_ids"].numel() / 2
+    model = load_model("embedded")
+    model.config.use_cache = False
+    # gradients of the last layer and the final norm: the backward pass stops there
+    model.requires_grad_(False)
+    watched = [model.model.layers[-1].mlp.up_proj.weight, model.model.norm.weight]
+    for weight in watched:
+        weight.requires_grad_(True)
+    count = torch.tensor(trained)
+    losses, grads = [], []
+    for inputs in (batch, trimmed):
+        model.zero_grad()
+        out = model(**inputs, num_items_in_batch=count)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append([weight.grad.clone() for weight in watched])
+    assert out.logits.shape == (trained, model.config.vocab_size)
+    assert torch.allclose(losses[1], losses[0], rtol=1e-5), losses
+    for trimmed_grad, full_grad in zip(grads[1], grads[0], strict=True):
+        assert full_grad.abs().sum() > 0
+        assert torch.allclose(trimmed_grad, full_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_masked_and_unmasked_losses_differ(tokenizer) -> None:
     trajectory = reflected_find_non_living()
     (masked,), _ = build_examples([trajectory], tokenizer, max_seq_len=512)
@@ -137,7 +176,9 @@ def test_qlora_run_lowers_loss_and_adapter_changes_generation(
 ) -> None:
     import mlflow
 
-    params = tiny_params(params_file, max_steps=8, learning_rate=3e-3, save_steps=100)
+    params = tiny_params(
+        params_file, method="qlora", max_steps=8, learning_rate=3e-3, save_steps=100
+    )
     tokenizer = load_tokenizer("embedded")
     previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -166,6 +207,7 @@ def test_qlora_run_lowers_loss_and_adapter_changes_generation(
     out = workspace / "models" / "init_sft"
     card = json.loads((out / "stepflow.json").read_text())
     assert card["base_model"] == "embedded" and card["variant"] == "init_sft"
+    assert card["training"]["method"] == "qlora"
     assert card["masking"] == "partial" and card["global_step"] == 8
     assert [d["file"] for d in card["data"]] == ["golden_d1.jsonl"]
     assert len(card["data"][0]["sha256"]) == 64
@@ -192,6 +234,61 @@ def test_qlora_run_lowers_loss_and_adapter_changes_generation(
     tuned_text = greedy(tuned, tokenizer, golden_find_non_living(0))
     assert after < 0.8 * before, (before, after)
     assert tuned_text != base_text, tuned_text
+
+
+def test_cpu_defaults_train_lora_with_native_bf16_matmuls(params_file: Path, tmp_path) -> None:
+    """params.yaml's training section on this CPU: LoRA (QLoRA is the GPU method), no
+    gradient checkpointing, bf16 autocast exactly where the CPU multiplies bf16 natively."""
+    params = load_params(params_file)
+    assert device() == "cpu", "this test describes the CPU defaults"
+    cfg = params.training
+    assert (cfg.method, cfg.compute_dtype, cfg.gradient_checkpointing) == ("auto", "auto", False)
+    assert training_method(cfg.method) == "lora"
+    args = _training_args(params, tmp_path)
+    assert args.bf16 == cpu_has_native_bf16() and not args.fp16
+    assert not args.activation_checkpointing
+    forced = load_params(params_file, {"training.compute_dtype": "float32"})
+    assert not _training_args(forced, tmp_path).bf16
+    assert training_method("qlora") == "qlora" and training_method("full") == "full"
+
+
+class CheckpointingSeen(TrainerCallback):
+    """Records whether the trained model recomputes activations in the backward pass."""
+
+    def __init__(self) -> None:
+        self.active: bool | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.active = model.get_base_model().is_activation_checkpointing
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_changes_no_loss(workspace: Path, params_file: Path) -> None:
+    """Checkpointing off (the CPU default) trains exactly what checkpointing on trains: same
+    losses and adapter, LoRA dropout included (its random state is replayed on recompute)."""
+    from safetensors.torch import load_file
+
+    losses, adapters = {}, {}
+    for checkpointing in (False, True):
+        params = tiny_params(
+            params_file,
+            gradient_checkpointing=checkpointing,
+            max_steps=2,
+            learning_rate=1e-3,
+            save_steps=100,
+            **{"lora.dropout": 0.05},
+        )
+        seen = CheckpointingSeen()
+        out = workspace / f"checkpointing-{checkpointing}"
+        result = train_variant(params, "init_sft", resume=False, out_dir=out, callbacks=[seen])
+        assert seen.active is checkpointing
+        losses[checkpointing] = [e["loss"] for e in result.log_history if "loss" in e]
+        adapters[checkpointing] = load_file(out / "adapter_model.safetensors")
+    assert len(losses[False]) == 2 and losses[False][0] != losses[False][1]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6, abs=0)
+    assert adapters[True].keys() == adapters[False].keys() and adapters[False]
+    for name, weight in adapters[False].items():
+        assert torch.allclose(adapters[True][name], weight, rtol=1e-5, atol=1e-7), name
 
 
 class Interrupt(RuntimeError):
