@@ -206,7 +206,6 @@ def plot_reward_vs_data(results: dict[str, AgentMetrics], params: Params, split:
     return data
 
 
-@holds_outputs("report")
 def _synthesis_turns(stats: dict) -> list[str]:
     """What the kept trajectories hold and why the others were dropped."""
     if "accepted_turns" not in stats:
@@ -226,6 +225,7 @@ def _synthesis_turns(stats: dict) -> list[str]:
     ]
 
 
+@holds_outputs("report")
 def build_report(params: Params) -> Report:
     """Write `reports/results.md`, `reports/per_task.csv` and the PNG plots."""
     out = Path(params.paths.reports)
