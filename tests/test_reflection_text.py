@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
 
 import pytest
 
 from stepflow.agent.prompts import format_reflection
-from stepflow.llm.base import Completion
 from stepflow.teacher.base import clean_reflection
 from stepflow.teacher.llm import LLMTeacher, MalformedAnswer, parse_answer
 from stepflow.teacher.reference import ReferenceTeacher
-from tests.test_teacher import GOLD, _facts, _reference
+from tests.test_teacher import GOLD, ScriptedModel, _facts, _reference
 
 MALFORMED_SHAPES = [
     ("Reflection: I went to the wrong room.", "I went to the wrong room."),
@@ -72,25 +70,6 @@ def test_llm_judge_answers_are_cleaned(text, clean) -> None:
 def test_llm_judge_answer_with_no_reflection_left_is_malformed(text) -> None:
     with pytest.raises(MalformedAnswer, match="reflection"):
         parse_answer(_wrong(text))
-
-
-@dataclass
-class ScriptedModel:
-    """Answers from a list, in order (the teacher model is the dependency here)."""
-
-    answers: list[str]
-    name: str = "scripted-teacher-model"
-    prompts: list = field(default_factory=list)
-
-    async def complete(self, messages, *, session=None, max_new_tokens=None) -> Completion:
-        self.prompts.append(messages)
-        return Completion(self.answers.pop(0), prompt_tokens=100, completion_tokens=10)
-
-    def end_session(self, session) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
 
 
 def test_llm_teacher_trains_the_cleaned_reflection_and_falls_back_on_empty() -> None:
