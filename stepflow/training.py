@@ -155,7 +155,7 @@ def training_prompt_budget(params: Params) -> int | None:
 
     return context_budget(
         params.agent.max_context_tokens,
-        params.student.model,
+        params.student,
         params.student.generation.max_new_tokens,
         "agent.max_context_tokens",
     )

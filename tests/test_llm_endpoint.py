@@ -180,3 +180,22 @@ def test_adapter_path_is_refused_for_endpoints() -> None:
     config = LLMConfig(backend="openai", endpoint=EndpointConfig(model="m"))
     with pytest.raises(ValueError, match="enable-lora"):
         make_backend(config, adapter=Path("adapter"))
+
+
+@pytest.mark.slow
+def test_the_prompt_budget_comes_from_the_server_when_the_config_is_not_here(
+    server, key_env
+) -> None:
+    from stepflow.agent.context import context_budget
+
+    remote = LLMConfig(
+        backend="openai", model="no-such-org/not-on-this-machine", endpoint=endpoint(server)
+    )
+    # the test server reports the embedded model's 8192 positions, as vLLM its max_model_len
+    assert context_budget(None, remote, 100, "teacher.max_context_tokens") == 8192 - 100
+    assert context_budget(2048, remote, 100, "teacher.max_context_tokens") == 2048 - 100
+    dead = remote.model_copy(
+        update={"endpoint": endpoint(f"http://127.0.0.1:{free_port()}", model="x")}
+    )
+    with pytest.raises(ValueError, match=r"teacher.max_context_tokens is null .* its server"):
+        context_budget(None, dead, 100, "teacher.max_context_tokens")

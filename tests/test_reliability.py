@@ -161,7 +161,13 @@ def test_unreachable_teacher_fails_episodes_and_the_stage_reports_them(workspace
             "max_retries": 1,
         },
     }
-    overrides = {"teacher.kind": "llm", "teacher.llm": dead, "env.step_limit": 4}
+    # no server to ask for its context length: the budget is given
+    overrides = {
+        "teacher.kind": "llm",
+        "teacher.llm": dead,
+        "teacher.max_context_tokens": 8192,
+        "env.step_limit": 4,
+    }
     tolerant = load_params("params.yaml", {**overrides, "rollout.max_failed_fraction": 1.0})
     summary = synthesize(tolerant, show_progress=False)
     assert summary.episodes == summary.failed == 3 and summary.kept == 0

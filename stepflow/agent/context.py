@@ -76,7 +76,7 @@ from stepflow.trajectory import EpisodeStats, Turn
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from stepflow.config import LLMConfig, Params
+    from stepflow.config import EndpointConfig, LLMConfig, Params
 
 log = logging.getLogger(__name__)
 
@@ -319,13 +319,41 @@ def token_counter(model: str, tokenizer: PreTrainedTokenizerBase | None = None) 
     return TemplateCounter(tokenizer)
 
 
-def context_budget(context: int | None, model: str, max_new_tokens: int, key: str) -> int:
-    """Prompt tokens left by a context (`key`'s value, or the model's) after generation."""
-    length = context or model_context_length(model)
+def endpoint_context_length(endpoint: EndpointConfig) -> int | None:
+    """The context length an OpenAI-compatible server reports for its model (vLLM's
+    `max_model_len` in `GET /models`); None when no server answers with one."""
+    import os
+
+    import httpx
+
+    key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    for url in endpoint.urls:
+        try:
+            reply = httpx.get(f"{url.rstrip('/')}/models", headers=headers, timeout=10.0)
+            reply.raise_for_status()
+            models = reply.json().get("data", [])
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            log.debug("no model list from %s: %s", url, exc)
+            continue
+        for entry in models:
+            length = entry.get("max_model_len") if isinstance(entry, dict) else None
+            if entry.get("id") == endpoint.model and isinstance(length, int) and length > 0:
+                return length
+    return None
+
+
+def context_budget(context: int | None, llm: LLMConfig, max_new_tokens: int, key: str) -> int:
+    """Prompt tokens left after generation by a context: `key`'s value, else the model's
+    config, else what the model's server reports (`max_model_len`)."""
+    length = context or model_context_length(llm.model)
+    if length is None and llm.endpoint is not None:
+        length = endpoint_context_length(llm.endpoint)
     if length is None:
+        where = f" nor from its server {llm.endpoint.urls}" if llm.endpoint else ""
         raise ValueError(
-            f"{key} is null and the context length of model {model!r} cannot be read from "
-            f"its config here; set {key}"
+            f"{key} is null and the context length of model {llm.model!r} cannot be read "
+            f"from its config here{where}; set {key}"
         )
     budget = length - max_new_tokens
     if budget <= 0:
@@ -342,7 +370,7 @@ def prompt_fitter(
     """The agent's prompt fitter for the model `llm` (the student, or evaluation's model)."""
     budget = context_budget(
         params.agent.max_context_tokens,
-        llm.model,
+        llm,
         llm.generation.max_new_tokens,
         "agent.max_context_tokens",
     )

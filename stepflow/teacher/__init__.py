@@ -28,7 +28,7 @@ def make_teacher(config: TeacherConfig) -> Teacher:
             max_new_tokens=generated,
             budget=context_budget(
                 config.max_context_tokens,
-                config.llm.model,
+                config.llm,
                 generated,
                 "teacher.max_context_tokens",
             ),

@@ -64,7 +64,7 @@ class LLMThoughtWriter:
         assert llm is not None  # golden.thoughts: teacher needs it (Params validation)
         budget = context_budget(
             params.teacher.max_context_tokens,
-            llm.model,
+            llm,
             THOUGHT_TOKENS,
             "teacher.max_context_tokens",
         )

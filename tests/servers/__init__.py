@@ -26,10 +26,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def openai_server(*, model: str = "embedded", timeout_s: float = 180) -> Iterator[str]:
-    """Run `openai_compat.py` over `model`, requiring the key of KEY_ENV; yield its root URL."""
+def openai_server(
+    *, model: str = "embedded", served_name: str | None = None, timeout_s: float = 180
+) -> Iterator[str]:
+    """Run `openai_compat.py` over `model` (served as `served_name`, default `model`),
+    requiring the key of KEY_ENV; yield its root URL."""
     port = free_port()
     command = [sys.executable, str(OPENAI_COMPAT), "--model", model, "--port", str(port)]
+    command += ["--served-name", served_name or model]
     proc = subprocess.Popen(
         [*command, "--api-key-env", KEY_ENV],
         env={**os.environ, KEY_ENV: KEY},

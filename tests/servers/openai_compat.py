@@ -82,7 +82,9 @@ def create_app(backend: LocalBackend, served_name: str, api_key: str | None) -> 
     @app.get("/v1/models")
     async def models(authorization: str | None = Header(default=None)) -> dict:
         check_key(authorization)
-        return {"object": "list", "data": [{"id": served_name, "object": "model"}]}
+        length = backend.model.config.max_position_embeddings  # as vLLM's max_model_len
+        entry = {"id": served_name, "object": "model", "max_model_len": length}
+        return {"object": "list", "data": [entry]}
 
     @app.post("/admin/faults")
     async def inject(spec: Faults) -> dict:
