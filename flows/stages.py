@@ -8,6 +8,7 @@ Prefect flow-run id and leaves a link to it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,7 +17,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
-from stepflow import tracking
+from stepflow import study, tracking
 from stepflow.config import Params, load_params
 from stepflow.evaluation import AGENTS
 from tasks.stages import (
@@ -126,3 +127,87 @@ def step_pipeline(params_path: str = "params.yaml", overrides: Overrides = None)
             train_flow(variant, params_path, overrides)
         evaluate_flow(None, params_path, overrides)
         return report_flow(params_path, overrides)
+
+
+def _study_stages(params_path: str, overrides: dict[str, Any], run: Params) -> list[tuple]:
+    """(name, done?, do) of one seed's stages, in pipeline order."""
+    from stepflow.evaluation import current_evaluation
+    from stepflow.synthesize import synthesis_current
+
+    stages: list[tuple] = [
+        ("prepare", lambda: study.prepared(run), lambda: prepare_flow(params_path, overrides)),
+        (
+            "init_sft",
+            lambda: study.trained(run, "init_sft"),
+            lambda: train_flow("init_sft", params_path, overrides),
+        ),
+        (
+            "synthesize",
+            lambda: synthesis_current(run),
+            lambda: synthesize_flow(params_path, overrides),
+        ),
+    ]
+    for variant in TRAIN_VARIANTS:
+        stages.append(
+            (
+                f"train_{variant}",
+                lambda v=variant: study.trained(run, v),
+                lambda v=variant: train_flow(v, params_path, overrides),
+            )
+        )
+    for agent in run.evaluation.agents:
+        stages.append(
+            (
+                f"evaluate_{agent}",
+                lambda a=agent: current_evaluation(run, a) is not None,
+                lambda a=agent: evaluate_flow([a], params_path, overrides),
+            )
+        )
+    return stages
+
+
+@flow(name="study", log_prints=True)
+def study_flow(
+    params_path: str = "params.study.yaml",
+    overrides: Overrides = None,
+    seeds: list[int] | None = None,
+    hours: float | None = None,
+) -> dict:
+    """The study (stepflow.study): every seed's pipeline, skipping stages already done and
+    starting none after `hours`; then the summary over the seeds with results."""
+    params = load(params_path, overrides)
+    deadline = study.Deadline.after_hours(hours)
+    for seed in seeds if seeds is not None else params.study.seeds:
+        seed_overrides = {**(overrides or {}), **study.seed_overrides(params, seed)}
+        run = load(params_path, seed_overrides)
+        timings = study.Timings(study.seed_dir(params, seed) / study.TIMINGS)
+        todo = [s for s in _study_stages(params_path, seed_overrides, run) if not s[1]()]
+        if not todo:
+            print(f"seed {seed}: every stage is done")
+            continue
+        with tracking.pipeline_run(run):
+            for name, _done, do in todo:
+                if deadline.passed:
+                    break
+                print(f"seed {seed}: {name}")
+                began = time.perf_counter()
+                do()
+                timings.add(name, time.perf_counter() - began)
+            else:
+                report_flow(params_path, seed_overrides, end_pipeline=False)
+        if deadline.passed:
+            print(f"stopped after {hours} h; run the same command again to go on")
+            break
+    return study_summary(params_path, overrides)
+
+
+def study_summary(params_path: str = "params.study.yaml", overrides: Overrides = None) -> dict:
+    """Write the study's summary over every seed of `study.seeds` that has results."""
+    params = load(params_path, overrides)
+    runs = {
+        seed: load(params_path, {**(overrides or {}), **study.seed_overrides(params, seed)})
+        for seed in params.study.seeds
+    }
+    summary = study.write_summary(params, runs)
+    print(study.markdown(summary))
+    return summary

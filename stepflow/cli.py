@@ -503,6 +503,46 @@ def pipeline_command(
     typer.echo(step_pipeline(str(params), parse_overrides(overrides) or None))
 
 
+study_app = typer.Typer(
+    help="The study: the pipeline over `study.seeds`, resumable, and its summary "
+    "(README: Results).",
+    no_args_is_help=True,
+)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("run")
+def study_run(
+    params: ParamsOption = Path("params.study.yaml"),
+    overrides: OverrideOption = None,
+    seed: Annotated[
+        list[int] | None, typer.Option(help="only these seeds (repeatable; default: study.seeds)")
+    ] = None,
+    hours: Annotated[
+        float | None,
+        typer.Option(help="start no stage after this many hours; rerun to go on"),
+    ] = None,
+) -> None:
+    """Run every seed's pipeline, skipping stages already done, then write the summary."""
+    load_or_exit(params, overrides)
+    from flows.stages import study_flow
+    from stepflow.config import parse_overrides
+
+    study_flow(str(params), parse_overrides(overrides) or None, seeds=seed, hours=hours)
+
+
+@study_app.command("summary")
+def study_summary_command(
+    params: ParamsOption = Path("params.study.yaml"), overrides: OverrideOption = None
+) -> None:
+    """Write `study.results` (JSON, table, plot) from the seeds' evaluations so far."""
+    load_or_exit(params, overrides)
+    from flows.stages import study_summary
+    from stepflow.config import parse_overrides
+
+    study_summary(str(params), parse_overrides(overrides) or None)
+
+
 serve_app = typer.Typer(
     help="A vLLM OpenAI-compatible server (own virtualenv, LoRA enabled) for the student, "
     "teacher and evaluation; settings under `serving:` in params.yaml.",

@@ -25,6 +25,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+AgentName = Literal["base", "init_sft", "golden", "step", "step_nomask"]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 UnitInterval = Annotated[float, Field(ge=0, le=1)]
 
@@ -214,6 +215,11 @@ class SplitsConfig(Strict):
     test_per_task: PositiveInt | None = Field(
         default=5, description="test instances per task type (null: all listed)"
     )
+    evaluation_seed: NonNegInt | None = Field(
+        default=None,
+        description="seed of the dev/test draws (null: `seed`); fixed, every seed of a "
+        "study is evaluated on the same instances",
+    )
     instances: Literal["official", "eto"] = Field(
         default="official",
         description="where dev/test instances come from: the official splits, or ETO's "
@@ -385,7 +391,7 @@ class EvaluationConfig(Strict):
     """Which agents are evaluated on which split, and how intervals are computed."""
 
     splits: list[Literal["test", "dev"]] = Field(default_factory=lambda: ["test"], min_length=1)
-    agents: list[Literal["base", "init_sft", "golden", "step", "step_nomask"]] = Field(
+    agents: list[AgentName] = Field(
         default_factory=lambda: ["base", "init_sft", "golden", "step", "step_nomask"],
         min_length=1,
     )
@@ -488,6 +494,25 @@ class PathsConfig(Strict):
     reports: Path = Path("reports")
 
 
+class StudyConfig(Strict):
+    """Several seeds of the whole pipeline and their summary (`stepflow study`)."""
+
+    seeds: Annotated[list[NonNegInt], Field(min_length=1)] = Field(
+        default=[0, 1, 2], description="each seed draws its own U1/U2 split and training run"
+    )
+    root: Path = Field(
+        default=Path("study"),
+        description="per-seed outputs: <root>/seed-<n>/{data,models,metrics,reports}",
+    )
+    results: Path = Field(
+        default=Path("results/study.json"), description="the study's summary (small, committed)"
+    )
+    compare: tuple[AgentName, AgentName] = Field(
+        default=("step", "golden"),
+        description="the pair whose paired difference (first - second) the summary gives",
+    )
+
+
 class Params(Strict):
     """The whole configuration of a run."""
 
@@ -506,6 +531,7 @@ class Params(Strict):
     scaleout: ScaleoutConfig = ScaleoutConfig()
     tracking: TrackingConfig = TrackingConfig()
     paths: PathsConfig = PathsConfig()
+    study: StudyConfig = StudyConfig()
 
     @model_validator(mode="after")
     def _teacher_llm_for_thoughts(self) -> Params:
@@ -544,6 +570,13 @@ class Params(Strict):
                 f"evaluation.protocol 'eto' runs ScienceWorld with simplification "
                 f"{ETO_SIMPLIFICATION!r}, not {env.simplification!r}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _study_compares_evaluated_agents(self) -> Params:
+        missing = [a for a in self.study.compare if a not in self.evaluation.agents]
+        if missing:
+            raise ValueError(f"study.compare: {missing} not in evaluation.agents")
         return self
 
     @model_validator(mode="after")

@@ -10,8 +10,9 @@ written to `data/eval/<agent>/<split>.jsonl`; metrics go to
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
-from stepflow.config import LLMConfig, Params
+from stepflow.config import AgentName, LLMConfig, Params
 from stepflow.jsonl import atomic_write_json
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
@@ -24,7 +25,7 @@ from stepflow.shards import RolloutSpec, ShardMap, run_stage
 from stepflow.splits import load_manifest
 from stepflow.trajectory import read_trajectories, write_trajectories
 
-AGENTS = ("base", "init_sft", "golden", "step", "step_nomask")
+AGENTS: tuple[str, ...] = get_args(AgentName)
 EVALUATION_KEYS = (*EPISODE_KEYS, "evaluation.llm")
 
 

@@ -114,16 +114,17 @@ def build_manifest(source: SplitSource, params: Params) -> Manifest:
     if unknown:
         raise ValueError(f"env.task_types: unknown {source.name} task types {unknown}")
     seed, cfg = params.seed, params.splits
+    drawn = seed if cfg.evaluation_seed is None else cfg.evaluation_seed  # dev/test draws
     entries: list[ManifestEntry] = []
     for task in params.env.task_types:
         train = _seeded_sample(source.variations(task, "train"), cfg.train_per_task, seed, task)
         u1, u2 = split_train(train, cfg.u1_fraction, seed, task)
         listed = evaluation_variations(source, params, task, "test")
-        test = _seeded_sample(listed, cfg.test_per_task, seed, task)
+        test = _seeded_sample(listed, cfg.test_per_task, drawn, task)
         dev: list[int] = []
         if cfg.dev_per_task != 0:
             listed = evaluation_variations(source, params, task, "dev")
-            dev = _seeded_sample(listed, cfg.dev_per_task, seed, task)
+            dev = _seeded_sample(listed, cfg.dev_per_task, drawn, task)
         for split, variations in (("u1", u1), ("u2", u2), ("dev", dev), ("test", sorted(test))):
             for variation in variations:
                 entries.append(

@@ -154,6 +154,29 @@ def _count_kind(trajectories: list[Trajectory], kind: str) -> int:
 
 
 @holds_outputs("synthesize")
+def synthesis_digest(params: Params, adapter: Path | str | None) -> str:
+    """Identity of a synthesis run: the settings it reads and the student's adapter content."""
+    digest = params.section_hash(*SYNTHESIS_KEYS, *params.env.engine_keys())
+    if adapter is not None:
+        digest += "-" + adapter_digest(adapter)
+    return digest
+
+
+def synthesis_current(params: Params) -> bool:
+    """Whether `reflected.jsonl` and its stats exist and every kept trajectory came from a
+    synthesis with exactly these settings and this init_sft adapter (none kept: False)."""
+    data_dir = Path(params.paths.data)
+    reflected, stats = data_dir / "reflected.jsonl", data_dir / "synthesis_stats.json"
+    if not (reflected.is_file() and stats.is_file()):
+        return False
+    try:
+        digest = synthesis_digest(params, base_agent_adapter(params))
+    except FileNotFoundError:
+        return False
+    hashes = {t.provenance.params_hash for t in read_trajectories(reflected)}
+    return hashes == {digest}
+
+
 def synthesize(
     params: Params,
     *,
@@ -171,9 +194,7 @@ def synthesize(
     u2 = manifest.select("u2")
     instances = [i for i in u2 if i.key in references]
     adapter_path = base_agent_adapter(params) if adapter == "init_sft" else adapter
-    digest = params.section_hash(*SYNTHESIS_KEYS, *params.env.engine_keys())
-    if adapter_path is not None:
-        digest += "-" + adapter_digest(adapter_path)
+    digest = synthesis_digest(params, adapter_path)
     work_log = Path(work_root) / f"synthesize-{digest}" / "episodes.jsonl"
 
     agent = "init_sft" if adapter == "init_sft" else Path(adapter).name if adapter else "base"

@@ -50,6 +50,20 @@ def test_splits_deterministic_for_a_seed(env, params_file) -> None:
     assert a.instances != c.instances
 
 
+def test_a_fixed_evaluation_seed_keeps_the_test_instances_across_seeds(env, params_file) -> None:
+    def keys(manifest, *splits):
+        return {i.key for i in manifest.select(*splits)}
+
+    fixed = {"train_per_task": 8, "test_per_task": 3, "dev_per_task": 2, "evaluation_seed": 0}
+    a = build_manifest(env, _params(params_file, seed=1, **fixed))
+    b = build_manifest(env, _params(params_file, seed=2, **fixed))
+    assert keys(a, "test") == keys(b, "test") and keys(a, "dev") == keys(b, "dev")
+    assert keys(a, "u1") != keys(b, "u1")  # the training split still follows the seed
+    del fixed["evaluation_seed"]
+    c = build_manifest(env, _params(params_file, seed=2, **fixed))
+    assert keys(c, "test") != keys(b, "test")
+
+
 def test_task_order_does_not_change_splits(env, params_file) -> None:
     forward = build_manifest(env, _params(params_file, train_per_task=4))
     params = load_params(

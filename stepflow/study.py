@@ -1,0 +1,337 @@
+"""The study: the whole pipeline over several seeds, in resumable chunks, and its summary.
+
+Each seed writes under `<study.root>/seed-<n>/` (its own split of train into U1/U2 and its
+own training runs); the test instances are the same for every seed. A stage whose outputs
+already match its inputs is skipped, so a study stopped anywhere (a chunk's time is up, the
+machine went away) goes on from where it stopped. The summary (`study.results`) gives per
+seed and agent: episodes, success, reward, training trajectories and trained tokens; the
+mean over seeds with a bootstrap CI over test instances; and the paired difference of the
+compared agents (`study.compare`) on identical instances.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stepflow.config import Params
+from stepflow.jsonl import atomic_write_json, atomic_write_text
+from stepflow.metrics import Interval
+from stepflow.protocols import eto_variations, protocol_reward
+from stepflow.trajectory import Trajectory, read_trajectories
+
+PATH_KEYS = ("data", "models", "metrics", "reports")
+TIMINGS = "timings.json"
+
+
+def seed_dir(params: Params, seed: int) -> Path:
+    """Where one seed of the study writes."""
+    return Path(params.study.root) / f"seed-{seed}"
+
+
+def seed_overrides(params: Params, seed: int) -> dict[str, Any]:
+    """The overrides that turn the study's params into one seed's run."""
+    base = seed_dir(params, seed)
+    return {"seed": seed, **{f"paths.{key}": str(base / key) for key in PATH_KEYS}}
+
+
+# -- which stages are done ------------------------------------------------------------------
+def prepared(params: Params) -> bool:
+    """Whether prepare's outputs exist and came from these settings."""
+    from stepflow.prepare import prepare_hash
+
+    data = Path(params.paths.data)
+    names = ("manifest.json", "golden_d1.jsonl", "golden_d2.jsonl", "examples.json")
+    if not all((data / name).is_file() for name in names):
+        return False
+    first = next(iter(read_trajectories(data / "golden_d1.jsonl")), None)
+    return first is not None and first.provenance.params_hash == prepare_hash(params)
+
+
+def trained(params: Params, variant: str) -> bool:
+    """Whether `<paths.models>/<variant>` was trained on the current data with these settings."""
+    from stepflow.provenance import file_sha256
+    from stepflow.training import run_key, variant_files
+
+    card = Path(params.paths.models) / variant / "stepflow.json"
+    if not card.is_file():
+        return False
+    try:
+        hashes = {path.name: file_sha256(path) for path in variant_files(params, variant)}
+    except FileNotFoundError:
+        return False
+    key = f"train-{variant}-{run_key(params, variant, hashes)}"
+    return json.loads(card.read_text()).get("run_key") == key
+
+
+class Timings:
+    """Wall seconds per stage of one seed, added up over the chunks that ran it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
+        atomic_write_json(self.path, self.seconds)
+
+
+@dataclass
+class Deadline:
+    """The end of a chunk: no stage starts after it (a running stage finishes)."""
+
+    at: float | None
+
+    @classmethod
+    def after_hours(cls, hours: float | None) -> Deadline:
+        return cls(None if hours is None else time.monotonic() + hours * 3600)
+
+    @property
+    def passed(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+
+# -- the summary ----------------------------------------------------------------------------
+def _bootstrap(units: Sequence[float], samples: int, confidence: float, seed: int) -> Interval:
+    """Percentile bootstrap of the mean over units (instances)."""
+    data = np.asarray(units, dtype=float)
+    if data.size == 0:
+        return Interval(mean=0.0, low=0.0, high=0.0)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return Interval(mean=float(data.mean()), low=float(low), high=float(high))
+
+
+def per_instance_means(runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each instance's value averaged over the seeds that ran it."""
+    pooled: dict[str, list[float]] = {}
+    for run in runs:
+        for key, value in run.items():
+            pooled.setdefault(key, []).append(value)
+    return {key: float(np.mean(values)) for key, values in sorted(pooled.items())}
+
+
+def paired_difference(
+    first: Sequence[dict[str, float]],
+    second: Sequence[dict[str, float]],
+    *,
+    samples: int,
+    confidence: float,
+    seed: int,
+) -> tuple[Interval, int]:
+    """Mean of first - second over the instances both ran in the same seed, with a bootstrap
+    CI that resamples instances (each instance's differences averaged over seeds); and the
+    number of instances."""
+    diffs = [
+        {key: a[key] - b[key] for key in a.keys() & b.keys()}
+        for a, b in zip(first, second, strict=True)
+    ]
+    units = per_instance_means(diffs)
+    return _bootstrap(list(units.values()), samples, confidence, seed), len(units)
+
+
+def _eto_subset(trajectories: list[Trajectory], params: Params) -> list[Trajectory]:
+    """The episodes on instances of ETO's fixed test list (ScienceWorld)."""
+    if params.env.name != "scienceworld":
+        return []
+    listed = {
+        (task, variation)
+        for task in params.env.task_types
+        for variation in eto_variations(task, "test")
+    }
+    return [t for t in trajectories if (t.task_type, t.variation) in listed]
+
+
+def _card(params: Params, agent: str) -> dict[str, Any]:
+    path = Path(params.paths.models) / agent / "stepflow.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def seed_row(params: Params, agent: str) -> dict[str, Any] | None:
+    """One seed's figures of one agent (None when its test evaluation is missing)."""
+    from stepflow.evaluation import eval_paths
+
+    path, _ = eval_paths(params, agent, "test")
+    if not path.is_file():
+        return None
+    episodes = list(read_trajectories(path))
+    protocol = params.evaluation.protocol
+    card = _card(params, agent)
+    tokens = card.get("token_stats", {})
+    eto = _eto_subset(episodes, params)
+    return {
+        "episodes": len(episodes),
+        "success": float(np.mean([t.success for t in episodes])) if episodes else 0.0,
+        "reward": float(np.mean([protocol_reward(t, protocol) for t in episodes]))
+        if episodes
+        else 0.0,
+        "trajectories": sum(d["trajectories"] for d in card.get("data", [])) or None,
+        "trained_tokens": tokens.get("trained_tokens"),
+        "eto_subset": {
+            "episodes": len(eto),
+            "success": float(np.mean([t.success for t in eto])) if eto else None,
+        },
+        "per_instance": {t.key: float(t.success) for t in episodes},
+        "per_instance_reward": {t.key: protocol_reward(t, protocol) for t in episodes},
+    }
+
+
+def summarize(params: Params, seed_params: dict[int, Params]) -> dict[str, Any]:
+    """The study's summary over the seeds that have results (see the module docstring)."""
+    samples, confidence = params.evaluation.bootstrap_samples, params.evaluation.confidence
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for seed, run in seed_params.items():
+        for agent in params.evaluation.agents:
+            row = seed_row(run, agent)
+            if row is not None:
+                rows.setdefault(agent, {})[seed] = row
+    agents: dict[str, Any] = {}
+    for agent, by_seed in rows.items():
+        success = per_instance_means([r["per_instance"] for r in by_seed.values()])
+        reward = per_instance_means([r["per_instance_reward"] for r in by_seed.values()])
+        agents[agent] = {
+            "seeds": {
+                str(seed): {
+                    k: v for k, v in row.items() if k not in ("per_instance", "per_instance_reward")
+                }
+                for seed, row in sorted(by_seed.items())
+            },
+            "success": _bootstrap(
+                list(success.values()), samples, confidence, params.seed
+            ).model_dump(),
+            "reward": _bootstrap(
+                list(reward.values()), samples, confidence, params.seed
+            ).model_dump(),
+            "success_seed_std": float(np.std([r["success"] for r in by_seed.values()])),
+        }
+    first, second = params.study.compare
+    paired = None
+    shared = sorted(rows.get(first, {}).keys() & rows.get(second, {}).keys())
+    if shared:
+        interval, units = paired_difference(
+            [rows[first][s]["per_instance"] for s in shared],
+            [rows[second][s]["per_instance"] for s in shared],
+            samples=samples,
+            confidence=confidence,
+            seed=params.seed,
+        )
+        paired = {
+            "first": first,
+            "second": second,
+            "metric": "success",
+            "seeds": shared,
+            "instances": units,
+            "difference": interval.model_dump(),
+        }
+    timings = {str(seed): Timings(seed_dir(params, seed) / TIMINGS).seconds for seed in seed_params}
+    return {
+        "protocol": params.evaluation.protocol,
+        "task_types": list(params.env.task_types),
+        "seeds": sorted(seed_params),
+        "confidence": confidence,
+        "agents": agents,
+        "paired": paired,
+        "wall_seconds": {
+            "per_seed": timings,
+            "total": round(sum(sum(t.values()) for t in timings.values()), 1),
+        },
+    }
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as the README's study table."""
+    conf = round(summary["confidence"] * 100)
+    lines = [
+        f"Protocol: **{summary['protocol']}**; task types: {', '.join(summary['task_types'])}; "
+        f"seeds: {', '.join(map(str, summary['seeds']))}.",
+        "",
+        f"| agent | success (mean, {conf}% CI over instances) | reward | seed std | "
+        "episodes per seed | training trajectories | trained tokens | ETO-list subset |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for agent, row in summary["agents"].items():
+        seeds = row["seeds"].values()
+        s, r = row["success"], row["reward"]
+        trajectories = sorted({x["trajectories"] for x in seeds if x["trajectories"]})
+        tokens = [x["trained_tokens"] for x in seeds if x["trained_tokens"]]
+        eto = [x["eto_subset"] for x in seeds if x["eto_subset"]["episodes"]]
+        eto_text = (
+            f"{np.mean([e['success'] for e in eto]):.3f} ({eto[0]['episodes']} ep.)" if eto else "–"
+        )
+        lines.append(
+            f"| {agent} | {s['mean']:.3f} [{s['low']:.3f}, {s['high']:.3f}] | {r['mean']:.3f} "
+            f"| {row['success_seed_std']:.3f} | {'/'.join(str(x['episodes']) for x in seeds)} "
+            f"| {'–'.join(map(str, trajectories)) or '–'} "
+            f"| {int(np.mean(tokens)) if tokens else '–'} | {eto_text} |"
+        )
+    paired = summary.get("paired")
+    if paired:
+        d = paired["difference"]
+        lines += [
+            "",
+            f"Paired difference {paired['first']} − {paired['second']} (success, "
+            f"{paired['instances']} instances × seeds {paired['seeds']}): "
+            f"**{d['mean']:+.3f}** [{d['low']:+.3f}, {d['high']:+.3f}].",
+        ]
+    total = summary["wall_seconds"]["total"]
+    lines += ["", f"Wall time of the stages, all seeds: {total / 3600:.2f} h."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any]) -> bytes:
+    """Success against training trajectories: one point per seed, the mean per agent."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for agent, row in summary["agents"].items():
+        points = [
+            (x["trajectories"], x["success"]) for x in row["seeds"].values() if x["trajectories"]
+        ]
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        dots = ax.scatter(xs, ys, alpha=0.5, label=agent)
+        ax.scatter(
+            [np.mean(xs)],
+            [row["success"]["mean"]],
+            marker="D",
+            s=60,
+            color=dots.get_facecolor()[0],
+            edgecolors="black",
+        )
+    ax.set_xlabel("training trajectories")
+    ax.set_ylabel(f"test success ({summary['protocol']} protocol)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_summary(params: Params, seed_params: dict[int, Params]) -> dict[str, Any]:
+    """Write `study.results` (JSON), and beside it the table (.md) and the plot (.png)."""
+    summary = summarize(params, seed_params)
+    results = Path(params.study.results)
+    atomic_write_json(results, summary)
+    atomic_write_text(results.with_suffix(".md"), markdown(summary))
+    png = results.with_suffix(".png")
+    tmp = png.with_suffix(".png.tmp")
+    tmp.write_bytes(plot(summary))
+    tmp.replace(png)
+    return summary

@@ -1,0 +1,123 @@
+"""The study's summary: per-seed figures from evaluation files, the paired difference on
+identical instances, the ETO-list subset, and the config that drives it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stepflow.config import ConfigError, load_params
+from stepflow.evaluation import eval_paths
+from stepflow.protocols import eto_variations
+from stepflow.study import paired_difference, seed_overrides, write_summary
+from stepflow.trajectory import Provenance, Trajectory, Turn, write_trajectories
+
+REPO = Path(__file__).resolve().parent.parent
+TASK = "find-plant"
+
+
+def episode(variation: int, success: bool) -> Trajectory:
+    turns = [
+        Turn(role="system", kind="system", content="You are an agent."),
+        Turn(role="user", kind="instruction", content="Task: find a plant."),
+        Turn(role="assistant", kind="step", loss=True, action="look around", content="x"),
+        Turn(role="user", kind="observation", content="Observation: a room"),
+    ]
+    return Trajectory(
+        env="scienceworld",
+        task_type=TASK,
+        variation=variation,
+        split="test",
+        instruction="find a plant",
+        turns=turns,
+        reward=1.0 if success else 0.25,
+        score=100.0 if success else 25.0,
+        max_score=100.0 if success else 50.0,
+        success=success,
+        num_steps=1,
+        provenance=Provenance(source="evaluation"),
+    )
+
+
+def test_the_paired_difference_averages_each_instance_over_seeds() -> None:
+    first = [{"a": 1.0, "b": 1.0, "c": 0.0, "only_first": 1.0}, {"a": 1.0, "b": 0.0, "c": 0.0}]
+    second = [{"a": 0.0, "b": 1.0, "c": 0.0}, {"a": 0.0, "b": 0.0, "c": 1.0}]
+    interval, units = paired_difference(first, second, samples=2000, confidence=0.95, seed=0)
+    # instance means over seeds: a +1, b 0, c -0.5; `only_first` has no pair
+    assert units == 3
+    assert interval.mean == pytest.approx((1 + 0 - 0.5) / 3)
+    assert -0.5 <= interval.low < interval.mean < interval.high <= 1.0
+
+
+def test_the_summary_reads_every_seed_and_pairs_the_compared_agents(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    overrides = {
+        "env.task_types": [TASK],
+        "evaluation.agents": ["golden", "step"],
+        "evaluation.protocol": "eto",
+        "study.seeds": [0, 1],
+    }
+    params = load_params(REPO / "params.yaml", overrides)
+    listed = eto_variations(TASK, "test")[0]  # one instance of ETO's fixed list
+    variations = [listed, 1000, 1001, 1002]
+    outcomes = {  # (seed, agent) -> success per variation
+        (0, "golden"): [True, False, False, False],
+        (0, "step"): [True, True, False, False],
+        (1, "golden"): [False, False, True, False],
+        (1, "step"): [True, False, True, True],
+    }
+    runs = {}
+    for seed in (0, 1):
+        run = runs[seed] = load_params(
+            REPO / "params.yaml", {**overrides, **seed_overrides(params, seed)}
+        )
+        for agent in ("golden", "step"):
+            path, _ = eval_paths(run, agent, "test")
+            wins = outcomes[(seed, agent)]
+            write_trajectories(path, [episode(v, w) for v, w in zip(variations, wins, strict=True)])
+            card = run.paths.models / agent / "stepflow.json"
+            card.parent.mkdir(parents=True, exist_ok=True)
+            data = [{"file": "golden_d1.jsonl", "sha256": "x", "trajectories": 10 + seed}]
+            card.write_text(json.dumps({"data": data, "token_stats": {"trained_tokens": 500}}))
+    (tmp_path / "study" / "seed-1" / "timings.json").write_text(json.dumps({"prepare": 36.0}))
+
+    summary = write_summary(params, runs)
+
+    step, golden = summary["agents"]["step"], summary["agents"]["golden"]
+    assert step["seeds"]["0"]["success"] == 0.5 and step["seeds"]["1"]["success"] == 0.75
+    assert step["success"]["mean"] == pytest.approx(0.625)
+    assert golden["success"]["mean"] == pytest.approx(0.25)
+    # ETO reward: the highest score reached / 100
+    assert golden["seeds"]["0"]["reward"] == pytest.approx((1.0 + 3 * 0.5) / 4)
+    assert step["seeds"]["1"]["trajectories"] == 11
+    assert step["seeds"]["0"]["eto_subset"] == {"episodes": 1, "success": 1.0}
+    paired = summary["paired"]
+    assert (paired["first"], paired["second"], paired["instances"]) == ("step", "golden", 4)
+    assert paired["difference"]["mean"] == pytest.approx(0.625 - 0.25)
+    assert summary["wall_seconds"]["total"] == 36.0
+    results = params.study.results
+    assert json.loads(results.read_text()) == summary
+    table = results.with_suffix(".md").read_text()
+    assert "Protocol: **eto**" in table and "| step | 0.625" in table
+    assert "Paired difference step − golden" in table
+    assert results.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_each_seed_writes_under_its_own_paths() -> None:
+    params = load_params(REPO / "params.yaml")
+    zero, one = (seed_overrides(params, s) for s in (0, 1))
+    assert zero["seed"] == 0 and one["seed"] == 1
+    assert zero["paths.models"] == str(Path("study") / "seed-0" / "models")
+    assert {k for k in zero if k.startswith("paths.")} == {
+        "paths.data",
+        "paths.models",
+        "paths.metrics",
+        "paths.reports",
+    }
+
+
+def test_the_compared_agents_must_be_evaluated() -> None:
+    with pytest.raises(ConfigError, match=r"study\.compare"):
+        load_params(REPO / "params.yaml", {"evaluation.agents": ["base", "golden"]})
