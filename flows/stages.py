@@ -172,7 +172,8 @@ def study_flow(
     overrides: Overrides = None,
     seeds: list[int] | None = None,
     hours: float | None = None,
-) -> dict:
+    summary: bool = True,
+) -> dict | None:
     """The study (stepflow.study): every seed's pipeline, skipping stages already done and
     starting none after `hours`; then the summary over the seeds with results."""
     params = load(params_path, overrides)
@@ -198,7 +199,7 @@ def study_flow(
         if deadline.passed:
             print(f"stopped after {hours} h; run the same command again to go on")
             break
-    return study_summary(params_path, overrides)
+    return study_summary(params_path, overrides) if summary else None
 
 
 def study_summary(params_path: str = "params.study.yaml", overrides: Overrides = None) -> dict:

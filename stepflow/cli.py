@@ -522,13 +522,27 @@ def study_run(
         float | None,
         typer.Option(help="start no stage after this many hours; rerun to go on"),
     ] = None,
+    summary: Annotated[bool, typer.Option(help="write the summary at the end")] = True,
 ) -> None:
-    """Run every seed's pipeline, skipping stages already done, then write the summary."""
-    load_or_exit(params, overrides)
-    from flows.stages import study_flow
+    """Run every seed's pipeline, skipping stages already done, then write the summary.
+    With `study.parallel` > 1, seeds run at once in processes of their own."""
+    settings = load_or_exit(params, overrides)
+    from flows.stages import study_flow, study_summary
     from stepflow.config import parse_overrides
+    from stepflow.study import run_seed_processes
 
-    study_flow(str(params), parse_overrides(overrides) or None, seeds=seed, hours=hours)
+    seeds = seed or settings.study.seeds
+    parsed = parse_overrides(overrides) or None
+    if settings.study.parallel > 1 and len(seeds) > 1:
+        codes = run_seed_processes(str(params), overrides or [], seeds, settings, hours)
+        if summary:
+            study_summary(str(params), parsed)
+        failed = {s: c for s, c in codes.items() if c != 0}
+        if failed:
+            typer.echo(f"seeds failed (exit codes): {failed}; see their study.log", err=True)
+            raise typer.Exit(1)
+        return
+    study_flow(str(params), parsed, seeds=seeds, hours=hours, summary=summary)
 
 
 @study_app.command("summary")

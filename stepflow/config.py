@@ -507,6 +507,11 @@ class StudyConfig(Strict):
     results: Path = Field(
         default=Path("results/study.json"), description="the study's summary (small, committed)"
     )
+    parallel: PositiveInt = Field(
+        default=1,
+        description="seeds run at once, each in a process of its own (training and rollouts "
+        "use `training.threads` / one thread each, so 2 fill a 2-core CPU)",
+    )
     compare: tuple[AgentName, AgentName] = Field(
         default=("step", "golden"),
         description="the pair whose paired difference (first - second) the summary gives",

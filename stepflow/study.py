@@ -97,6 +97,47 @@ class Deadline:
         return self.at is not None and time.monotonic() >= self.at
 
 
+def run_seed_processes(
+    params_path: str,
+    overrides: list[str],
+    seeds: Sequence[int],
+    params: Params,
+    hours: float | None = None,
+) -> dict[int, int]:
+    """Run each seed's `stepflow study run --seed N` in a process of its own, up to
+    `study.parallel` at once, each logging to `<seed dir>/study.log`; their exit codes."""
+    import subprocess
+    import sys
+
+    pending = list(seeds)
+    running: dict[int, tuple[subprocess.Popen, Any]] = {}
+    codes: dict[int, int] = {}
+    while pending or running:
+        while pending and len(running) < params.study.parallel:
+            seed = pending.pop(0)
+            command = [sys.executable, "-m", "stepflow.cli", "study", "run", "-p", params_path]
+            command += [f"--seed={seed}", "--no-summary"]
+            command += [f"--hours={hours}"] if hours is not None else []
+            for override in overrides:
+                command += ["-S", override]
+            log = seed_dir(params, seed) / "study.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            handle = log.open("a")
+            print(f"seed {seed}: started, log in {log}")
+            running[seed] = (
+                subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT),
+                handle,
+            )
+        time.sleep(2)
+        for seed, (proc, handle) in list(running.items()):
+            if proc.poll() is not None:
+                handle.close()
+                codes[seed] = proc.returncode
+                del running[seed]
+                print(f"seed {seed}: exit {proc.returncode}")
+    return codes
+
+
 # -- the summary ----------------------------------------------------------------------------
 def _bootstrap(units: Sequence[float], samples: int, confidence: float, seed: int) -> Interval:
     """Percentile bootstrap of the mean over units (instances)."""

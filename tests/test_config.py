@@ -24,6 +24,25 @@ def test_shipped_params_files_are_valid(name: str) -> None:
     assert params.env.task_types
 
 
+def test_the_paper_params_hold_the_papers_setup() -> None:
+    """Every task type of the real ScienceWorld, the paper's student, teacher and QLoRA rank."""
+    from scienceworld import ScienceWorldEnv
+
+    simulator = ScienceWorldEnv("")
+    try:
+        names = simulator.get_task_names()
+    finally:
+        simulator.close()
+    paper = load_params(REPO / "params.paper.yaml")
+    assert len(names) == 30 and sorted(paper.env.task_types) == sorted(names)
+    assert paper.env.simplification == "easy"
+    assert paper.student.model == "meta-llama/Llama-2-7b-chat-hf"
+    assert paper.teacher.kind == "llm" and paper.teacher.reflection == "llm"
+    assert paper.teacher.llm is not None and paper.teacher.llm.model == "Qwen/Qwen1.5-110B-Chat"
+    assert paper.golden.thoughts == "teacher"
+    assert paper.training.method == "qlora" and paper.training.lora.r == 64
+
+
 def _write(tmp_path: Path, mutate) -> Path:
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     mutate(data)

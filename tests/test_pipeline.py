@@ -177,6 +177,35 @@ def test_dvc_repro_end_to_end(project, first_repro) -> None:
     assert client.get_run(latest.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_a_study_skips_the_stages_done_and_runs_the_rest(project, first_repro) -> None:
+    """`stepflow study run` on a seed whose outputs are the repro's (copied under the study's
+    root), one evaluation missing: only that evaluation runs, then the summary is written;
+    a second run has nothing to do."""
+    import json
+
+    root, env = project
+    seed = root / "study" / "seed-0"
+    for name in ("data", "models", "metrics"):
+        shutil.copytree(root / name, seed / name)
+    shutil.rmtree(seed / "data" / "eval" / "step")
+    (seed / "metrics" / "step.json").unlink()
+    command = ["stepflow", "study", "run", "-p", "params.yaml", "-S", "study.seeds=[0]"]
+
+    first = _run(command, root, env)
+    assert re.findall(r"seed 0: (\w+)", first.stdout + first.stderr) == ["evaluate_step"]
+    assert (seed / "data" / "eval" / "step" / "test.jsonl").is_file()
+    assert set(json.loads((seed / "timings.json").read_text())) == {"evaluate_step"}
+    summary = json.loads((root / "results" / "study.json").read_text())
+    assert set(summary["agents"]) == {"base", "init_sft", "golden", "step", "step_nomask"}
+    assert summary["agents"]["step"]["seeds"]["0"]["episodes"] == 2
+    assert summary["paired"]["instances"] == 2 and summary["paired"]["seeds"] == [0]
+    assert (root / "results" / "study.md").read_text().startswith("Protocol: **stepflow**")
+
+    again = _run(command, root, env)
+    assert "seed 0: every stage is done" in again.stdout + again.stderr
+
+
 def _api(base: str, path: str, body: dict | None = None) -> dict:
     """One call of the MLflow server's REST API (GET, or POST with a JSON body)."""
     import json

@@ -335,8 +335,10 @@ def test_llm_teacher_with_the_embedded_model(base_agent_workspace, monkeypatch):
     assert stats.malformed >= 1 and stats.retries >= 1  # the 135M model rarely writes JSON
     assert stats.fallbacks == trajectory.stats.teacher_fallbacks
     assert stats.prompt_tokens > 0 and stats.completion_tokens > 0
-    if stats.fallbacks:  # the reference fallback caught the injected wrong step
-        assert trajectory.assistant_turns()[0].kind == "erroneous_step"
+    # the 135M judge answers no JSON twice in a row, so the reference fallback judges, and
+    # it catches the injected wrong step
+    assert stats.fallbacks >= 1
+    assert trajectory.assistant_turns()[0].kind == "erroneous_step"
 
 
 @pytest.mark.slow
