@@ -106,9 +106,14 @@ def run_seed_processes(
 ) -> dict[int, int]:
     """Run each seed's `stepflow study run --seed N` in a process of its own, up to
     `study.parallel` at once, each logging to `<seed dir>/study.log`; their exit codes."""
+    import os
     import subprocess
     import sys
 
+    # each process's torch gets its share of the cores: oversubscribed threads spin and
+    # slow every process down (README: Benchmarks)
+    threads = str(max(1, (os.cpu_count() or 1) // params.study.parallel))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     pending = list(seeds)
     running: dict[int, tuple[subprocess.Popen, Any]] = {}
     codes: dict[int, int] = {}
@@ -125,7 +130,7 @@ def run_seed_processes(
             handle = log.open("a")
             print(f"seed {seed}: started, log in {log}")
             running[seed] = (
-                subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT),
+                subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env),
                 handle,
             )
         time.sleep(2)
