@@ -14,7 +14,7 @@ from stepflow.config import ConfigError, Params, load_params
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params.paper.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "params.paper.yaml", "params.study.yaml"])
 def test_shipped_params_files_are_valid(name: str) -> None:
     path = REPO / name
     if not path.exists():
