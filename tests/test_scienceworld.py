@@ -50,12 +50,13 @@ def test_reward_invalid_actions_and_failure(env) -> None:
     assert not bad.valid and not bad.done
     assert 0 <= bad.reward <= 1 and bad.reward == pytest.approx(bad.score / 100)
     assert "look around" in env.valid_actions()
-    # focusing on a living thing fails this task: a negative score, reward clipped to 0
-    failed = env.step("focus on agent")
-    if not failed.failed:  # the agent may not count as living in every variation
-        env.step("go to outside")
-        failed = env.step("focus on air")
-    assert failed.done or failed.score < 100
+    # focusing on a living thing (an egg outside) fails this task: the simulator's score
+    # is -100, the episode ends, the reward is clipped to 0 and it is no success
+    env.step("teleport to outside")
+    assert "a dove egg" in env.step("look around").observation
+    failed = env.step("focus on dove egg")
+    assert failed.score == -100
+    assert failed.failed and failed.done and not failed.success and failed.reward == 0
 
 
 def test_dead_jvm_is_restarted_and_state_restored() -> None:
