@@ -163,6 +163,13 @@ def _study_stages(params_path: str, overrides: dict[str, Any], run: Params) -> l
                 lambda a=agent: evaluate_flow([a], params_path, overrides),
             )
         )
+    stages.append(
+        (
+            "report",
+            lambda: study.reported(run),
+            lambda: report_flow(params_path, overrides, end_pipeline=False),
+        )
+    )
     return stages
 
 
@@ -182,20 +189,20 @@ def study_flow(
         seed_overrides = {**(overrides or {}), **study.seed_overrides(params, seed)}
         run = load(params_path, seed_overrides)
         timings = study.Timings(study.seed_dir(params, seed) / study.TIMINGS)
-        todo = [s for s in _study_stages(params_path, seed_overrides, run) if not s[1]()]
-        if not todo:
+        stages = _study_stages(params_path, seed_overrides, run)
+        if all(done() for _name, done, _do in stages):
             print(f"seed {seed}: every stage is done")
             continue
         with tracking.pipeline_run(run):
-            for name, _done, do in todo:
+            for name, done, do in stages:
+                if done():  # asked just before: an upstream rerun makes this stage stale
+                    continue
                 if deadline.passed:
                     break
                 print(f"seed {seed}: {name}")
                 began = time.perf_counter()
                 do()
                 timings.add(name, time.perf_counter() - began)
-            else:
-                report_flow(params_path, seed_overrides, end_pipeline=False)
         if deadline.passed:
             print(f"stopped after {hours} h; run the same command again to go on")
             break

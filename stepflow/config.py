@@ -578,13 +578,6 @@ class Params(Strict):
         return self
 
     @model_validator(mode="after")
-    def _study_compares_evaluated_agents(self) -> Params:
-        missing = [a for a in self.study.compare if a not in self.evaluation.agents]
-        if missing:
-            raise ValueError(f"study.compare: {missing} not in evaluation.agents")
-        return self
-
-    @model_validator(mode="after")
     def _compress_needs_teleport(self) -> Params:
         if not self.golden.compress or self.env.name != "scienceworld":
             return self

@@ -70,6 +70,16 @@ def trained(params: Params, variant: str) -> bool:
     return json.loads(card.read_text()).get("run_key") == key
 
 
+def reported(params: Params) -> bool:
+    """Whether the seed's report exists and is newer than every agent's metrics."""
+    report = Path(params.paths.reports) / "results.md"
+    metrics = [Path(params.paths.metrics) / f"{a}.json" for a in params.evaluation.agents]
+    if not report.is_file():
+        return False
+    written = report.stat().st_mtime
+    return all(m.is_file() and m.stat().st_mtime <= written for m in metrics)
+
+
 class Timings:
     """Wall seconds per stage of one seed, added up over the chunks that ran it."""
 
@@ -105,7 +115,8 @@ def run_seed_processes(
     hours: float | None = None,
 ) -> dict[int, int]:
     """Run each seed's `stepflow study run --seed N` in a process of its own, up to
-    `study.parallel` at once, each logging to `<seed dir>/study.log`; their exit codes."""
+    `study.parallel` at once, each logging to `<seed dir>/study.log`; their exit codes.
+    No seed starts after `hours`, and each gets what is left of them."""
     import os
     import subprocess
     import sys
@@ -113,56 +124,75 @@ def run_seed_processes(
     # each process's torch gets its share of the cores: oversubscribed threads spin and
     # slow every process down (README: Benchmarks)
     threads = str(max(1, (os.cpu_count() or 1) // params.study.parallel))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "PYTHONUNBUFFERED": "1",
+    }
+    deadline = Deadline.after_hours(hours)
     pending = list(seeds)
     running: dict[int, tuple[subprocess.Popen, Any]] = {}
     codes: dict[int, int] = {}
-    while pending or running:
-        while pending and len(running) < params.study.parallel:
-            seed = pending.pop(0)
-            command = [sys.executable, "-m", "stepflow.cli", "study", "run", "-p", params_path]
-            command += [f"--seed={seed}", "--no-summary"]
-            command += [f"--hours={hours}"] if hours is not None else []
-            for override in overrides:
-                command += ["-S", override]
-            log = seed_dir(params, seed) / "study.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            handle = log.open("a")
-            print(f"seed {seed}: started, log in {log}")
-            running[seed] = (
-                subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env),
-                handle,
-            )
-        time.sleep(2)
-        for seed, (proc, handle) in list(running.items()):
-            if proc.poll() is not None:
-                handle.close()
-                codes[seed] = proc.returncode
-                del running[seed]
-                print(f"seed {seed}: exit {proc.returncode}")
+    try:
+        while pending or running:
+            while pending and len(running) < params.study.parallel and not deadline.passed:
+                seed = pending.pop(0)
+                command = [sys.executable, "-m", "stepflow.cli", "study", "run"]
+                command += ["-p", params_path, f"--seed={seed}", "--no-summary"]
+                if deadline.at is not None:
+                    left = max(0.0, deadline.at - time.monotonic()) / 3600
+                    command += [f"--hours={left:.4f}"]
+                for override in overrides:
+                    command += ["-S", override]
+                log = seed_dir(params, seed) / "study.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                handle = log.open("a")
+                print(f"seed {seed}: started, log in {log}")
+                proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                running[seed] = (proc, handle)
+            if deadline.passed and pending:
+                print(f"seeds {pending} not started: the {hours} h are up")
+                pending.clear()
+            time.sleep(2)
+            for seed, (proc, handle) in list(running.items()):
+                if proc.poll() is not None:
+                    handle.close()
+                    codes[seed] = proc.returncode
+                    del running[seed]
+                    print(f"seed {seed}: exit {proc.returncode}")
+    finally:
+        for proc, handle in running.values():
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            handle.close()
     return codes
 
 
 # -- the summary ----------------------------------------------------------------------------
-def _bootstrap(units: Sequence[float], samples: int, confidence: float, seed: int) -> Interval:
-    """Percentile bootstrap of the mean over units (instances)."""
-    data = np.asarray(units, dtype=float)
+def two_level_bootstrap(matrix: np.ndarray, samples: int, confidence: float, seed: int) -> Interval:
+    """Mean of a seeds x instances matrix, with a percentile bootstrap that resamples seeds
+    and, within them, instances (training variance and instance variance both counted)."""
+    data = np.asarray(matrix, dtype=float)
     if data.size == 0:
         return Interval(mean=0.0, low=0.0, high=0.0)
     rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
+    n_seeds, n_instances = data.shape
+    seeds = rng.integers(0, n_seeds, size=(samples, n_seeds))
+    instances = rng.integers(0, n_instances, size=(samples, n_instances))
+    means = data[seeds[:, :, None], instances[:, None, :]].mean(axis=(1, 2))
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return Interval(mean=float(data.mean()), low=float(low), high=float(high))
 
 
-def per_instance_means(runs: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Each instance's value averaged over the seeds that ran it."""
-    pooled: dict[str, list[float]] = {}
-    for run in runs:
-        for key, value in run.items():
-            pooled.setdefault(key, []).append(value)
-    return {key: float(np.mean(values)) for key, values in sorted(pooled.items())}
+def instance_matrix(runs: Sequence[dict[str, float]]) -> tuple[np.ndarray, list[str]]:
+    """Seeds x instances of the values of the instances every seed ran."""
+    common = sorted(set.intersection(*(set(run) for run in runs))) if runs else []
+    return np.array([[run[key] for key in common] for run in runs]), common
 
 
 def paired_difference(
@@ -173,15 +203,14 @@ def paired_difference(
     confidence: float,
     seed: int,
 ) -> tuple[Interval, int]:
-    """Mean of first - second over the instances both ran in the same seed, with a bootstrap
-    CI that resamples instances (each instance's differences averaged over seeds); and the
-    number of instances."""
+    """Mean of first - second over the instances both agents ran in every seed, with a
+    two-level bootstrap CI (seeds, then instances); and the number of instances."""
     diffs = [
         {key: a[key] - b[key] for key in a.keys() & b.keys()}
         for a, b in zip(first, second, strict=True)
     ]
-    units = per_instance_means(diffs)
-    return _bootstrap(list(units.values()), samples, confidence, seed), len(units)
+    matrix, common = instance_matrix(diffs)
+    return two_level_bootstrap(matrix, samples, confidence, seed), len(common)
 
 
 def _eto_subset(trajectories: list[Trajectory], params: Params) -> list[Trajectory]:
@@ -203,12 +232,14 @@ def _card(params: Params, agent: str) -> dict[str, Any]:
 
 def seed_row(params: Params, agent: str) -> dict[str, Any] | None:
     """One seed's figures of one agent (None when its test evaluation is missing)."""
-    from stepflow.evaluation import eval_paths
+    from stepflow.evaluation import current_evaluation, eval_paths
 
     path, _ = eval_paths(params, agent, "test")
-    if not path.is_file():
-        return None
+    if not path.is_file() or current_evaluation(params, agent) is None:
+        return None  # missing, or evaluated with other settings or another adapter
     episodes = list(read_trajectories(path))
+    if not episodes:
+        return None
     protocol = params.evaluation.protocol
     card = _card(params, agent)
     tokens = card.get("token_stats", {})
@@ -241,8 +272,9 @@ def summarize(params: Params, seed_params: dict[int, Params]) -> dict[str, Any]:
                 rows.setdefault(agent, {})[seed] = row
     agents: dict[str, Any] = {}
     for agent, by_seed in rows.items():
-        success = per_instance_means([r["per_instance"] for r in by_seed.values()])
-        reward = per_instance_means([r["per_instance_reward"] for r in by_seed.values()])
+        success, _ = instance_matrix([r["per_instance"] for r in by_seed.values()])
+        reward, _ = instance_matrix([r["per_instance_reward"] for r in by_seed.values()])
+        per_seed = [r["success"] for r in by_seed.values()]
         agents[agent] = {
             "seeds": {
                 str(seed): {
@@ -250,13 +282,9 @@ def summarize(params: Params, seed_params: dict[int, Params]) -> dict[str, Any]:
                 }
                 for seed, row in sorted(by_seed.items())
             },
-            "success": _bootstrap(
-                list(success.values()), samples, confidence, params.seed
-            ).model_dump(),
-            "reward": _bootstrap(
-                list(reward.values()), samples, confidence, params.seed
-            ).model_dump(),
-            "success_seed_std": float(np.std([r["success"] for r in by_seed.values()])),
+            "success": two_level_bootstrap(success, samples, confidence, params.seed).model_dump(),
+            "reward": two_level_bootstrap(reward, samples, confidence, params.seed).model_dump(),
+            "success_seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
         }
     first, second = params.study.compare
     paired = None
@@ -269,14 +297,18 @@ def summarize(params: Params, seed_params: dict[int, Params]) -> dict[str, Any]:
             confidence=confidence,
             seed=params.seed,
         )
-        paired = {
-            "first": first,
-            "second": second,
-            "metric": "success",
-            "seeds": shared,
-            "instances": units,
-            "difference": interval.model_dump(),
-        }
+        if units:
+            paired = {
+                "first": first,
+                "second": second,
+                "metric": "success",
+                "seeds": shared,
+                "instances": units,
+                "difference": interval.model_dump(),
+                "per_seed": {
+                    str(s): rows[first][s]["success"] - rows[second][s]["success"] for s in shared
+                },
+            }
     timings = {str(seed): Timings(seed_dir(params, seed) / TIMINGS).seconds for seed in seed_params}
     return {
         "protocol": params.evaluation.protocol,
@@ -325,7 +357,10 @@ def markdown(summary: dict[str, Any]) -> str:
             "",
             f"Paired difference {paired['first']} − {paired['second']} (success, "
             f"{paired['instances']} instances × seeds {paired['seeds']}): "
-            f"**{d['mean']:+.3f}** [{d['low']:+.3f}, {d['high']:+.3f}].",
+            f"**{d['mean']:+.3f}** [{d['low']:+.3f}, {d['high']:+.3f}] (CI: seeds and "
+            "instances resampled); per seed: "
+            + ", ".join(f"{s} {v:+.3f}" for s, v in paired["per_seed"].items())
+            + ".",
         ]
     total = summary["wall_seconds"]["total"]
     lines += ["", f"Wall time of the stages, all seeds: {total / 3600:.2f} h."]
@@ -361,7 +396,8 @@ def plot(summary: dict[str, Any]) -> bytes:
     ax.set_xlabel("training trajectories")
     ax.set_ylabel(f"test success ({summary['protocol']} protocol)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()

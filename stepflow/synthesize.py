@@ -153,7 +153,6 @@ def _count_kind(trajectories: list[Trajectory], kind: str) -> int:
     return sum(1 for t in trajectories for turn in t.turns if turn.kind == kind)
 
 
-@holds_outputs("synthesize")
 def synthesis_digest(params: Params, adapter: Path | str | None) -> str:
     """Identity of a synthesis run: the settings it reads and the student's adapter content."""
     digest = params.section_hash(*SYNTHESIS_KEYS, *params.env.engine_keys())
@@ -177,6 +176,7 @@ def synthesis_current(params: Params) -> bool:
     return hashes == {digest}
 
 
+@holds_outputs("synthesize")
 def synthesize(
     params: Params,
     *,

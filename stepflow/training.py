@@ -443,12 +443,24 @@ def _publish(model, tokenizer, out_dir: Path, meta: dict[str, Any], variant: str
         shutil.rmtree(old, ignore_errors=True)
 
 
+TARGET_FILE = "target"  # in a run's work directory: the output directory it trains for
+
+
 def _prune_stale_runs(work_dir: Path) -> None:
-    """Delete the checkpoints of earlier runs of the same variant (other data or params)."""
+    """Delete the checkpoints of earlier runs of the same variant (other data or params)
+    that trained for the same output directory; runs for other outputs (another seed of a
+    study, another `paths.models`) are left alone."""
     variant_prefix = work_dir.name.rsplit("-", 1)[0] + "-"
+    target = (work_dir / TARGET_FILE).read_text()
     for other in work_dir.parent.glob(f"{variant_prefix}*"):
         suffix = other.name[len(variant_prefix) :]
-        if other != work_dir and "-" not in suffix and other.is_dir():
+        marker = other / TARGET_FILE
+        if (
+            other != work_dir
+            and "-" not in suffix
+            and marker.is_file()
+            and marker.read_text() == target
+        ):
             shutil.rmtree(other, ignore_errors=True)
 
 
@@ -481,6 +493,8 @@ def train_variant(
     if not resume:
         shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True, exist_ok=True)
+    target = Path(out_dir or params.paths.models / variant)
+    atomic_write_text(work_dir / TARGET_FILE, str(target.resolve()))
 
     tokenizer = load_tokenizer(params.student.model)
     tokenizer.padding_side = "right"
@@ -548,7 +562,6 @@ def train_variant(
         "code_version": code_version(),
         "created_at": utc_now().isoformat(),
     }
-    target = out_dir or params.paths.models / variant
     if trainer.is_world_process_zero():  # the other ranks of a data-parallel run write nothing
         _publish(trainer.model, tokenizer, target, meta, variant)
         _prune_stale_runs(work_dir)

@@ -193,9 +193,9 @@ def test_a_study_skips_the_stages_done_and_runs_the_rest(project, first_repro) -
     command = ["stepflow", "study", "run", "-p", "params.yaml", "-S", "study.seeds=[0]"]
 
     first = _run(command, root, env)
-    assert re.findall(r"seed 0: (\w+)", first.stdout + first.stderr) == ["evaluate_step"]
+    assert re.findall(r"seed 0: (\w+)", first.stdout + first.stderr) == ["evaluate_step", "report"]
     assert (seed / "data" / "eval" / "step" / "test.jsonl").is_file()
-    assert set(json.loads((seed / "timings.json").read_text())) == {"evaluate_step"}
+    assert set(json.loads((seed / "timings.json").read_text())) == {"evaluate_step", "report"}
     summary = json.loads((root / "results" / "study.json").read_text())
     assert set(summary["agents"]) == {"base", "init_sft", "golden", "step", "step_nomask"}
     assert summary["agents"]["step"]["seeds"]["0"]["episodes"] == 2

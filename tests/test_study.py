@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stepflow.config import ConfigError, load_params
-from stepflow.evaluation import eval_paths
+from stepflow.config import load_params
+from stepflow.evaluation import eval_paths, evaluation_digest
 from stepflow.protocols import eto_variations
 from stepflow.study import paired_difference, seed_overrides, write_summary
 from stepflow.trajectory import Provenance, Trajectory, Turn, write_trajectories
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 TASK = "find-plant"
 
 
-def episode(variation: int, success: bool) -> Trajectory:
+def episode(variation: int, success: bool, digest: str = "x") -> Trajectory:
     turns = [
         Turn(role="system", kind="system", content="You are an agent."),
         Turn(role="user", kind="instruction", content="Task: find a plant."),
@@ -37,18 +37,18 @@ def episode(variation: int, success: bool) -> Trajectory:
         max_score=100.0 if success else 50.0,
         success=success,
         num_steps=1,
-        provenance=Provenance(source="evaluation"),
+        provenance=Provenance(source="evaluation", params_hash=digest),
     )
 
 
-def test_the_paired_difference_averages_each_instance_over_seeds() -> None:
+def test_the_paired_difference_is_taken_on_instances_every_seed_ran() -> None:
     first = [{"a": 1.0, "b": 1.0, "c": 0.0, "only_first": 1.0}, {"a": 1.0, "b": 0.0, "c": 0.0}]
     second = [{"a": 0.0, "b": 1.0, "c": 0.0}, {"a": 0.0, "b": 0.0, "c": 1.0}]
     interval, units = paired_difference(first, second, samples=2000, confidence=0.95, seed=0)
-    # instance means over seeds: a +1, b 0, c -0.5; `only_first` has no pair
+    # differences: seed 0 a +1, b 0, c 0; seed 1 a +1, b 0, c -1; `only_first` has no pair
     assert units == 3
     assert interval.mean == pytest.approx((1 + 0 - 0.5) / 3)
-    assert -0.5 <= interval.low < interval.mean < interval.high <= 1.0
+    assert -1.0 <= interval.low < interval.mean < interval.high <= 1.0
 
 
 def test_the_summary_reads_every_seed_and_pairs_the_compared_agents(tmp_path, monkeypatch) -> None:
@@ -74,13 +74,31 @@ def test_the_summary_reads_every_seed_and_pairs_the_compared_agents(tmp_path, mo
             REPO / "params.yaml", {**overrides, **seed_overrides(params, seed)}
         )
         for agent in ("golden", "step"):
-            path, _ = eval_paths(run, agent, "test")
-            wins = outcomes[(seed, agent)]
-            write_trajectories(path, [episode(v, w) for v, w in zip(variations, wins, strict=True)])
-            card = run.paths.models / agent / "stepflow.json"
-            card.parent.mkdir(parents=True, exist_ok=True)
+            # what evaluation leaves: the adapter it ran, episodes marked with the
+            # evaluation's identity, the agent's metrics file
+            adapter = run.paths.models / agent
+            adapter.mkdir(parents=True)
+            (adapter / "adapter_config.json").write_text("{}")
+            (adapter / "adapter_model.safetensors").write_bytes(f"{seed}{agent}".encode())
             data = [{"file": "golden_d1.jsonl", "sha256": "x", "trajectories": 10 + seed}]
-            card.write_text(json.dumps({"data": data, "token_stats": {"trained_tokens": 500}}))
+            card = {"data": data, "token_stats": {"trained_tokens": 500}}
+            (adapter / "stepflow.json").write_text(json.dumps(card))
+            digest = evaluation_digest(run, agent)
+            wins = outcomes[(seed, agent)]
+            path, _ = eval_paths(run, agent, "test")
+            write_trajectories(
+                path, [episode(v, w, digest) for v, w in zip(variations, wins, strict=True)]
+            )
+            _, metrics = eval_paths(run, agent, "test")
+            metrics.write_text("{}")
+            (run.paths.metrics).mkdir(parents=True, exist_ok=True)
+            (run.paths.metrics / f"{agent}.json").write_text("{}")
+    # an evaluation made with other settings is not counted
+    stale = runs[1].paths.data / "eval" / "golden" / "test.jsonl"
+    stale_copy = stale.read_text()
+    write_trajectories(stale, [episode(v, True, "other") for v in variations])
+    assert write_summary(params, runs)["agents"]["golden"]["seeds"].keys() == {"0"}
+    stale.write_text(stale_copy)
     (tmp_path / "study" / "seed-1" / "timings.json").write_text(json.dumps({"prepare": 36.0}))
 
     summary = write_summary(params, runs)
@@ -96,6 +114,8 @@ def test_the_summary_reads_every_seed_and_pairs_the_compared_agents(tmp_path, mo
     paired = summary["paired"]
     assert (paired["first"], paired["second"], paired["instances"]) == ("step", "golden", 4)
     assert paired["difference"]["mean"] == pytest.approx(0.625 - 0.25)
+    assert paired["per_seed"] == {"0": pytest.approx(0.25), "1": pytest.approx(0.5)}
+    assert paired["difference"]["low"] < 0.375 < paired["difference"]["high"]
     assert summary["wall_seconds"]["total"] == 36.0
     results = params.study.results
     assert json.loads(results.read_text()) == summary
@@ -118,6 +138,9 @@ def test_each_seed_writes_under_its_own_paths() -> None:
     }
 
 
-def test_the_compared_agents_must_be_evaluated() -> None:
-    with pytest.raises(ConfigError, match=r"study\.compare"):
-        load_params(REPO / "params.yaml", {"evaluation.agents": ["base", "golden"]})
+def test_no_pair_is_reported_when_an_agent_has_no_results(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = load_params(REPO / "params.yaml", {"evaluation.agents": ["base", "golden"]})
+    runs = {0: load_params(REPO / "params.yaml", seed_overrides(params, 0))}
+    summary = write_summary(params, runs)
+    assert summary["agents"] == {} and summary["paired"] is None

@@ -377,3 +377,27 @@ def test_lora_and_full_methods_train_and_save(
         [golden_find_non_living(3)], load_tokenizer("embedded"), max_seq_len=512
     )
     assert 0 < mean_loss(model, examples) < 10
+
+
+def test_only_stale_runs_for_the_same_output_are_pruned(tmp_path: Path) -> None:
+    """Another seed of a study trains the same variant for other outputs at the same time:
+    its checkpoints are not an earlier run of this one."""
+    from stepflow.training import TARGET_FILE, _prune_stale_runs
+
+    def run(key: str, target: str | None) -> Path:
+        path = tmp_path / f"train-golden-{key}"
+        (path / "checkpoints").mkdir(parents=True)
+        if target is not None:
+            (path / TARGET_FILE).write_text(target)
+        return path
+
+    current = run("aaaa", "/study/seed-0/models/golden")
+    earlier = run("bbbb", "/study/seed-0/models/golden")
+    other_seed = run("cccc", "/study/seed-1/models/golden")
+    unmarked = run("dddd", None)
+    other_variant = tmp_path / "train-golden-step-eeee"  # not a run of `golden`
+    other_variant.mkdir()
+    _prune_stale_runs(current)
+    assert not earlier.exists()
+    assert current.exists() and other_seed.exists() and unmarked.exists()
+    assert other_variant.exists()

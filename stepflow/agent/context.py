@@ -337,7 +337,9 @@ def endpoint_context_length(endpoint: EndpointConfig) -> int | None:
             log.debug("no model list from %s: %s", url, exc)
             continue
         for entry in models:
-            length = entry.get("max_model_len") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict):
+                continue
+            length = entry.get("max_model_len")
             if entry.get("id") == endpoint.model and isinstance(length, int) and length > 0:
                 return length
     return None
