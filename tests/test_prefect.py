@@ -249,7 +249,7 @@ def test_stepflow_pipeline_then_a_deployment_of_prefect_yaml_served_from_the_cac
     pipeline = run_checked(
         ["stepflow", "pipeline", *(arg for s in sets for arg in ("-S", s))], home, env
     )
-    assert "STeP" in pipeline.stdout and "base agent" in pipeline.stdout, pipeline.stdout
+    assert "STeP" in pipeline.stdout and "base model" in pipeline.stdout, pipeline.stdout
     runs = [(name, run) for name, run in _flow_runs(env) if run.id not in earlier]
     assert [name for name, _ in runs] == [
         "step_pipeline",
@@ -273,7 +273,7 @@ def test_stepflow_pipeline_then_a_deployment_of_prefect_yaml_served_from_the_cac
     for variant in ("init_sft", "golden", "step", "step_nomask"):
         assert (home / "models" / variant / "adapter_model.safetensors").is_file()
     results = (home / "reports" / "results.md").read_text()
-    assert "base agent" in results and "STeP" in results
+    assert "base model" in results and "STeP" in results
     before = _outputs(home)
 
     worker_dir = tmp_path / "worker"  # the pull step, not the worker's directory, decides
