@@ -203,8 +203,9 @@ def test_stepflow_pipeline_then_a_deployment_of_prefect_yaml_served_from_the_cac
 ) -> None:
     """`prefect deploy --all` of the repository's prefect.yaml (pull step: STEPFLOW_HOME),
     `stepflow pipeline` reporting to the server, then the `evaluate` deployment with the same
-    overrides run by a `prefect worker`: Completed, every evaluation a cache hit of the
-    pipeline's (tasks/caching.py), no output rewritten."""
+    overrides run by a `prefect worker`, base's outputs made stale first: Completed, STeP's
+    evaluation a cache hit of the pipeline's (tasks/caching.py) with nothing rewritten, base's
+    evaluated again."""
     import json
 
     import yaml
@@ -274,6 +275,8 @@ def test_stepflow_pipeline_then_a_deployment_of_prefect_yaml_served_from_the_cac
         assert (home / "models" / variant / "adapter_model.safetensors").is_file()
     results = (home / "reports" / "results.md").read_text()
     assert "base model" in results and "STeP" in results
+    # base's evaluation made stale (its metrics file lost): evaluated again, STeP's cached
+    (home / "metrics" / "base.json").unlink()
     before = _outputs(home)
 
     worker_dir = tmp_path / "worker"  # the pull step, not the worker's directory, decides
@@ -312,8 +315,12 @@ def test_stepflow_pipeline_then_a_deployment_of_prefect_yaml_served_from_the_cac
         flow_run = client.read_flow_run(flow_run_id)
     assert flow_run.state.is_completed(), flow_run.state
     assert flow_run.parameters["overrides"] == PIPELINE
-    evaluations = _task_runs(env, flow_run_id)["evaluate"]
-    assert len(evaluations) == 2
-    assert all(states[-1] == "Cached" for _, states in evaluations), evaluations
-    assert _outputs(home) == before  # nothing evaluated again, nothing rewritten
+    evaluations = sorted(
+        _task_runs(env, flow_run_id)["evaluate"], key=lambda e: e[0].expected_start_time
+    )
+    assert [states[-1] for _, states in evaluations] == ["Completed", "Cached"], evaluations
+    after = _outputs(home)
+    assert json.loads((home / "metrics" / "base.json").read_text())
+    changed = {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
+    assert changed and all("base" in path for path in changed), changed  # none of STeP's
     assert (home / "mlruns").is_dir() and not (worker_dir / "mlruns").exists()
