@@ -134,6 +134,7 @@ def test_dask_cluster_gives_the_default_runners_episodes(
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # as flows/
     results = {}
     for name, overrides in (("default", SCALE), ("dask", [*SCALE, *DASK])):
         workspace = _copy_workspace(base_agent_workspace, tmp_path / name)
