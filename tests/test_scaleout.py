@@ -128,13 +128,14 @@ def one_torch_thread():
 def test_dask_cluster_gives_the_default_runners_episodes(
     base_agent_workspace: Path, tmp_path: Path, monkeypatch, one_torch_thread
 ) -> None:
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # as flows/ (read when Prefect is first imported): a busy machine outlasts the 20 s default
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from stepflow.evaluation import eval_paths, evaluate_agent
     from stepflow.synthesize import synthesize
     from tasks.scaleout import shard_map
 
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # as flows/
     results = {}
     for name, overrides in (("default", SCALE), ("dask", [*SCALE, *DASK])):
         workspace = _copy_workspace(base_agent_workspace, tmp_path / name)
