@@ -284,7 +284,7 @@ class LocalBackend:
 
         started = time.perf_counter()
 
-        states: list[SessionState | None] = []
+        caches: list[DynamicCache | None] = []
         reusable: list[int] = []
         seen: set[str] = set()
         for request in batch:
@@ -296,10 +296,8 @@ class LocalBackend:
             if self.reuse_cache and state is None:
                 # a new conversation: start from the longest prefix another one has encoded
                 state, length = self.sessions.longest_prefix(request.ids)
-            states.append(state)
+            caches.append(state.cache if state else None)
             reusable.append(length)
-        caches = [s.cache if s else None for s in states]
-        from_cache = list(reusable)
         new_tokens = [len(r.ids) - n for r, n in zip(batch, reusable, strict=True)]
         if self.reuse_cache:
             # Every row of one `generate` call gets the same number of new input columns. A
@@ -311,11 +309,10 @@ class LocalBackend:
                 if end > reusable[row]:
                     caches[row] = self._encode_prefix(request.ids, caches[row], reusable[row], end)
                     self.stats.prefill_tokens += end - reusable[row]
-                    reusable[row] = end
         else:  # a row with fewer new tokens re-encodes the tail of its prefix
             new_width = max(new_tokens)
         used = [max(0, len(r.ids) - new_width) for r in batch]
-        cached = [min(u, n) for u, n in zip(used, from_cache, strict=True)]
+        cached = [min(u, n) for u, n in zip(used, reusable, strict=True)]
         cache_width = max(used)
         width = cache_width + new_width
         cache = assemble_batch_cache(
