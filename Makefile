@@ -33,9 +33,11 @@ run: setup
 	$(BIN)/dvc push -q
 	cat reports/results.md
 
-## test: the whole test suite, slow tests included
+## test: the whole test suite, slow tests included, in TEST_WORKERS processes (a test file
+## stays in one process: its module fixtures are built once)
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -v --durations=30
+	$(BIN)/python -m pytest -v --durations=30 -n $(TEST_WORKERS) --dist loadfile
 
 ## test-fast: skip tests marked slow (for quick local iterations only; CI runs `make test`)
 test-fast: setup

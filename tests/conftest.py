@@ -17,6 +17,33 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The test files with the longest runs (`make test` prints each test's duration), started
+# first so that the test workers (`make test` runs two, one file each at a time) finish
+# together rather than one of them running a long file alone at the end.
+LONGEST_FIRST = (
+    "test_reliability.py",
+    "test_pipeline.py",
+    "test_prepare.py",
+    "test_teacher.py",
+    "test_prefect.py",
+    "test_scaleout.py",
+    "test_serving.py",
+    "test_evaluation.py",
+    "test_alfworld.py",
+    "test_webshop.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the files of LONGEST_FIRST first, in that order; the others keep theirs."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The materialised embedded SmolLM2 model directory."""
