@@ -340,18 +340,31 @@ class AlfWorldEnv(TextEnv):
         return [canonical_command(command) for command in self._admissible]
 
     def gold_actions(self) -> list[str]:
-        """The expert's plan for the current game (`env.alfworld.expert`): the planner's,
-        or the handcoded expert's path when it reaches the goal within `golden_max_steps`
-        actions (else the planner's). `gold_expert` names the one followed."""
-        if self._game is None:
+        """The expert's plan for the current game from its start (`env.alfworld.expert`;
+        the game is reset): the planner's, or the handcoded expert's path when it reaches
+        the goal within `golden_max_steps` actions (else the planner's). `gold_expert`
+        names the one followed."""
+        if self._game is None or self._instance is None:
             raise RuntimeError("gold_actions() before reset()")
         if self.config.expert == "handcoded":
             actions = expert_actions(self._game, "handcoded", self.golden_max_steps)
             if actions:
                 self.gold_expert = "handcoded"
+                self.reset(self._instance)
                 return actions
         self.gold_expert = "planner"
-        return expert_actions(self._game, "planner")
+        return self._plan()
+
+    def _plan(self) -> list[str]:
+        """The PDDL planner's plan from the game's initial state, computed on this engine
+        (what ALFWorld's planner expert reads as `policy_commands`, without loading the
+        game a second time)."""
+        with _ENGINE:
+            state = self._env.reset()
+            self._admissible = list(state["admissible_commands"])
+            pddl = self._env.unwrapped  # textworld's PddlEnv, names demangled by ALFWorld
+            plan = pddl._pddl_state.replan(pddl._entity_infos)
+        return [canonical_command(action) for action in plan]
 
     def close(self) -> None:
         """Release the engine."""
