@@ -19,7 +19,7 @@ from stepflow.golden import replay_gold
 from stepflow.protocols import eto_alfworld_games, evaluation_step_limit
 from stepflow.splits import build_manifest
 from stepflow.trajectory import read_trajectories
-from tests.alfworld_games import real_games, write_dataset
+from tests.alfworld_games import SHARED_DATA, real_games, write_dataset
 from tests.conftest import run_tiny_stages
 
 TASK = "pick_and_place_simple"
@@ -214,6 +214,8 @@ def test_real_splits_match_alfworld_and_eto(real_data, params_file) -> None:
             for v in env.variations(t, "test")
         }
         assert unseen == set(eto_alfworld_games()) and len(unseen) == 134
+        published = (SHARED_DATA / "eto" / "alfworld" / "gamefile_id.txt").read_text().split()
+        assert list(eto_alfworld_games()) == [f"valid_unseen/{game}" for game in published]
         manifest = build_manifest(env, params)
     splits = Counter(e.split for e in manifest.instances)
     assert (splits["u1"] + splits["u2"], splits["dev"], splits["test"]) == (200, 140, 134)
