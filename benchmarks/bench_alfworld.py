@@ -141,7 +141,7 @@ def run(data: Path, out: Path, handcoded: int, workers: int, resume: bool) -> di
         games = game_files(root, task)
         for variation, (folder, path) in enumerate(games):
             if folder in FOLDERS and game_id(path) not in done:
-                jobs.append((task, variation))
+                jobs.append((FOLDERS.index(folder), task, variation))
         unseen = [v for v, (f, _) in enumerate(games) if f == "valid_unseen"][:handcoded]
         hand_jobs += [(task, v) for v in unseen if game_id(games[v][1]) not in done_hand]
 
@@ -186,8 +186,13 @@ def run(data: Path, out: Path, handcoded: int, workers: int, resume: bool) -> di
         return result
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(measure, str(data), task, v) for task, v in jobs]
+        # ETO's test set (valid_unseen) first, then the handcoded expert, then valid_seen,
+        # so that a run stopped early has the test set whole
+        unseen = [(t, v) for f, t, v in jobs if FOLDERS[f] == "valid_unseen"]
+        seen = [(t, v) for f, t, v in jobs if FOLDERS[f] != "valid_unseen"]
+        futures = [pool.submit(measure, str(data), task, v) for task, v in unseen]
         hand = [pool.submit(handcoded_path, str(data), task, v) for task, v in hand_jobs]
+        futures += [pool.submit(measure, str(data), task, v) for task, v in seen]
         for future in as_completed(futures + hand):
             row = future.result()
             if "plan_s" in row:

@@ -266,7 +266,7 @@ def test_pipeline_stages_on_real_games(tmp_path, real_data, embedded_dir) -> Non
             "env.name": "alfworld",
             "env.task_types": list(ALFWORLD_TASK_TYPES),
             "env.alfworld": {"data_dir": str(real_data), "expert": "planner"},
-            "env.step_limit": 3,
+            "env.step_limit": 2,
             "splits.train_per_task": 2,
             "splits.test_per_task": 1,
             "synthesis.max_corrections": 1,
