@@ -35,7 +35,7 @@ run: setup
 
 ## test: the whole test suite, slow tests included
 test: setup
-	$(BIN)/python -m pytest -v
+	$(BIN)/python -m pytest -v --durations=30
 
 ## test-fast: skip tests marked slow (for quick local iterations only; CI runs `make test`)
 test-fast: setup

@@ -83,6 +83,8 @@ def run(
         "mean_batch_size": round(stats["requests"] / max(stats["batches"], 1), 2),
         "prompt_tokens": stats["prompt_tokens"],
         "cached_prompt_tokens": stats["cached_tokens"],
+        "new_prompt_tokens": stats["new_prompt_tokens"],
+        "encoded_prompt_positions": stats["prefill_tokens"],
         "completion_tokens": stats["completion_tokens"],
         "completion_tokens_per_s": round(stats["completion_tokens"] / wall, 2),
         "parse_failures": summary.parse_failures,

@@ -19,7 +19,8 @@ from prefect.runtime import flow_run
 
 from stepflow import study, tracking
 from stepflow.config import Params, load_params
-from stepflow.evaluation import AGENTS
+from stepflow.evaluation import AGENTS, current_evaluation
+from tasks.caching import cached_unless_stale
 from tasks.stages import (
     evaluate_task,
     log_evaluation,
@@ -93,7 +94,8 @@ def evaluate_flow(
         if agent not in AGENTS:
             raise ValueError(f"unknown agent {agent!r}; choose from {', '.join(AGENTS)}")
         with tracked(params, f"evaluate_{agent}", tags={"stepflow.agent": agent}):
-            results[agent] = evaluate_task(params, agent)
+            task = cached_unless_stale(evaluate_task, current_evaluation(params, agent) is not None)
+            results[agent] = task(params, agent)
             log_evaluation(params, agent, results[agent])
     return results
 
@@ -131,7 +133,6 @@ def step_pipeline(params_path: str = "params.yaml", overrides: Overrides = None)
 
 def _study_stages(params_path: str, overrides: dict[str, Any], run: Params) -> list[tuple]:
     """(name, done?, do) of one seed's stages, in pipeline order."""
-    from stepflow.evaluation import current_evaluation
     from stepflow.synthesize import synthesis_current
 
     stages: list[tuple] = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +41,10 @@ def _shard_map(params):
     """Shards on the `scaleout` task runner (Prefect), or None to run in process."""
     if not params.scaleout.fans_out:
         return None
+    # as in flows/: Prefect's temporary server, on a busy machine, may need more than its
+    # 20 s default to start; offline, its telemetry would only add failing requests
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from tasks.scaleout import shard_map
 
     return shard_map(params)

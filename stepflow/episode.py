@@ -35,6 +35,7 @@ from stepflow.agent.prompts import (
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import StepResult, TaskInstance
 from stepflow.llm.base import BackendError, ChatBackend
+from stepflow.provenance import worker_identity
 from stepflow.review import Reviewer, StepContext, StepReview
 from stepflow.trajectory import EpisodeStats, Provenance, StopReason, Trajectory, Turn
 
@@ -332,5 +333,6 @@ async def run_episode(
             params_hash=settings.params_hash,
             student_model=backend.name,
             teacher=getattr(reviewer, "name", None) if reviewer is not None else None,
+            extra=worker_identity(),
         ),
     )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import multiprocessing
+import os
+import socket
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +39,16 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return __version__
     return f"{__version__}+{sha}{'.dirty' if dirty else ''}"
+
+
+def worker_identity() -> dict[str, str]:
+    """The process running this code: `host`, `pid` and `process` (its multiprocessing name,
+    e.g. `MainProcess`, or `Dask Worker process (from Nanny)` on a Dask worker)."""
+    return {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "process": multiprocessing.current_process().name,
+    }
 
 
 def utc_now() -> datetime:

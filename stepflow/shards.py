@@ -131,18 +131,20 @@ def split_shards(instances: Sequence[TaskInstance], count: int) -> list[list[Tas
 
 
 def merge_shards(work_log: Path, shard_dir: Path) -> list[Trajectory]:
-    """Append the episodes of every shard file not yet in `work_log`, then remove the shard
-    files; return the episodes appended."""
+    """Append the episodes of every shard file not yet in `work_log` (a shard's unfinished
+    last line, left by a killed worker, is dropped), then remove the shard files; return the
+    episodes appended."""
     files = sorted(shard_dir.glob("shard-*.jsonl")) if shard_dir.is_dir() else []
     added: list[Trajectory] = []
     if not files:
         return added
     with TrajectoryLog(work_log) as log:
         for path in files:
-            for trajectory in read_trajectories(path):
-                if trajectory.key not in log.done:
-                    log.append(trajectory)
-                    added.append(trajectory)
+            with TrajectoryLog(path) as shard:  # cuts a line a killed worker left unfinished
+                for trajectory in shard.done.values():
+                    if trajectory.key not in log.done:
+                        log.append(trajectory)
+                        added.append(trajectory)
     for path in files:
         path.unlink()
     return added

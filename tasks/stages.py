@@ -131,7 +131,8 @@ def synthesize_task(params: Params) -> dict[str, Any]:
 def evaluate_task(params: Params, agent: str) -> dict[str, dict[str, float]]:
     """Evaluate one agent on every configured split; write its metrics files.
 
-    Cached across runs while its outputs are current (same settings, adapter and code).
+    Cached across runs while its outputs are current (same settings, adapter and code): call
+    it through `tasks.caching.cached_unless_stale`.
     """
     from stepflow.evaluation import evaluate_agent, write_dvc_metrics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,16 @@ from stepflow.llm.endpoint import (
     backoff_delay,
 )
 from stepflow.llm.local import LocalBackend
-from tests.servers import KEY, KEY_ENV, free_port, inject, openai_server
+from tests.servers import (
+    KEY,
+    KEY_ENV,
+    clear_faults,
+    forget_requests,
+    free_port,
+    inject,
+    openai_server,
+    requests_seen,
+)
 
 MAX_NEW = 24
 QUESTION = [
@@ -84,11 +94,35 @@ def test_same_greedy_text_as_the_local_backend(server, local, key_env) -> None:
 
 @pytest.mark.slow
 def test_transient_errors_are_retried(server, key_env) -> None:
-    inject(server, count=1, status=503)
-    inject(server, count=1, status=429)
-    backend = OpenAIBackend(endpoint(server, max_retries=3), backoff_base_s=0.01)
+    clear_faults(server)
+    forget_requests(server)
+    for status in (503, 429, 408, 409):
+        inject(server, status=status)
+    backend = OpenAIBackend(endpoint(server, max_retries=4), backoff_base_s=0.01)
     (answer,) = run(backend, QUESTION)
     assert "Paris" in answer.text
+    assert [r["status"] for r in requests_seen(server)] == [503, 429, 408, 409, 200]
+    assert (backend.stats.attempts, backend.stats.retries, backend.stats.failures) == (5, 4, 0)
+
+
+@pytest.mark.slow
+def test_retry_after_is_honoured(server, key_env) -> None:
+    clear_faults(server)
+    forget_requests(server)
+    inject(server, status=429, retry_after=1)
+    inject(server, status=503, retry_after=2)
+    # backoff alone would wait about 0.01 s, then 0.02 s
+    backend = OpenAIBackend(endpoint(server, max_retries=2), backoff_base_s=0.01)
+    started = time.monotonic()
+    (answer,) = run(backend, QUESTION)
+    waited = time.monotonic() - started
+    assert "Paris" in answer.text
+    seen = requests_seen(server)
+    assert [r["status"] for r in seen] == [429, 503, 200]
+    first, second, third = (r["at"] for r in seen)
+    gaps = [second - first, third - second]
+    assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
+    assert waited >= 3.0
     assert (backend.stats.attempts, backend.stats.retries, backend.stats.failures) == (3, 2, 0)
 
 

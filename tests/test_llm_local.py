@@ -94,6 +94,30 @@ def test_kv_cache_reuse_gives_the_same_greedy_output(backend) -> None:
     assert backend.sessions.get(session) is None
 
 
+def test_a_new_episode_starts_from_the_prefix_another_one_encoded(backend) -> None:
+    other_task = {
+        "role": "user",
+        "content": FIRST["content"].replace("non-living thing", "living thing"),
+    }
+    first = backend.complete_sync([SYSTEM, FIRST], session="episode-1", max_new_tokens=MAX_NEW)
+    shared = common_prefix_length(
+        backend.encode([SYSTEM, FIRST]), backend.encode([SYSTEM, other_task])
+    )
+    assert shared > len(backend.encode([SYSTEM])) // 2  # the system prompt at least
+    second = backend.complete_sync(
+        [SYSTEM, other_task], session="episode-2", max_new_tokens=MAX_NEW
+    )
+    assert first.cached_tokens == 0 or backend.sessions.get("episode-1") is not None
+    assert second.cached_tokens == shared
+    assert second.text == plain_generate(backend, [SYSTEM, other_task], MAX_NEW)
+    unrelated = [{"role": "user", "content": "Name a colour. Answer in one word."}]
+    third = backend.complete_sync(unrelated, session="episode-3", max_new_tokens=MAX_NEW)
+    system_tokens = common_prefix_length(backend.encode(unrelated), backend.encode([SYSTEM, FIRST]))
+    assert third.cached_tokens == system_tokens < shared
+    for session in ("episode-1", "episode-2", "episode-3"):
+        backend.end_session(session)
+
+
 def test_batched_requests_return_each_their_own_text(backend) -> None:
     prompts = [
         [SYSTEM, FIRST],
@@ -107,6 +131,7 @@ def test_batched_requests_return_each_their_own_text(backend) -> None:
     ]
     expected = [plain_generate(backend, p, MAX_NEW) for p in prompts]
     batches_before = backend.stats.batches
+    before = dict(vars(backend.stats))
     backend.batch_wait_s = 1.0
     try:
         futures = [backend.submit(p, max_new_tokens=MAX_NEW) for p in prompts]
@@ -118,6 +143,11 @@ def test_batched_requests_return_each_their_own_text(backend) -> None:
     # outputs stay identical for these prompts (a near-tie could in principle flip a token).
     assert [r.text for r in results] == expected
     assert "Paris" in results[1].text
+    # no row pays for another's longer prompt: only the new tokens are encoded
+    new_tokens = sum(r.prompt_tokens - r.cached_tokens for r in results)
+    assert backend.stats.new_prompt_tokens - before["new_prompt_tokens"] == new_tokens
+    assert backend.stats.prefill_tokens - before["prefill_tokens"] == new_tokens
+    assert max(r.prompt_tokens for r in results) > 3 * min(r.prompt_tokens for r in results)
 
 
 def test_concurrent_sessions_with_cached_prefixes_batch_correctly(backend) -> None:

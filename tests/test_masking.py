@@ -111,10 +111,14 @@ def test_chatml_trained_tokens_are_exactly_the_loss_turns(
 ) -> None:
     ids, expected = expected_trained(trajectory, tokenizer, "<|im_end|>", mask_erroneous)
     result = tokenize_trajectory(trajectory, tokenizer, mask_erroneous=mask_erroneous)
+    assert expected, "every sample trajectory has a turn to train"
     assert result.input_ids == ids
     assert result.trained_positions() == expected
     assert all(result.labels[i] == ids[i] for i in expected)
-    # each trained turn ends on <|im_end|>; the "\n" after it is context
+    # one span per assistant turn, in order
+    assistant = [i for i, t in enumerate(trajectory.turns) if t.role == "assistant"]
+    assert assistant and [s.turn_index for s in result.spans] == assistant
+    # each assistant turn ends on <|im_end|>; the "\n" after it is context
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for span in result.spans:
         assert result.input_ids[span.train_end - 1] == im_end
@@ -124,10 +128,13 @@ def test_chatml_trained_tokens_are_exactly_the_loss_turns(
 
 def test_llama2_template_trained_tokens(tokenizer) -> None:
     llama = with_template(tokenizer, LLAMA2_TEMPLATE)
-    for trajectory in sample_set():
+    trajectories = sample_set()
+    assert len(trajectories) == 3
+    for trajectory in trajectories:
         for mask_erroneous in (True, False):
             ids, expected = expected_trained(trajectory, llama, llama.eos_token, mask_erroneous)
             result = tokenize_trajectory(trajectory, llama, mask_erroneous=mask_erroneous)
+            assert expected, trajectory.key
             assert result.input_ids == ids
             assert result.trained_positions() == expected
     rendered = llama.decode(result.input_ids)
@@ -142,6 +149,7 @@ def test_gemma_style_template_with_explicit_end_of_turn(tokenizer) -> None:
         tokenize_trajectory(trajectory, gemma)
     ids, expected = expected_trained(trajectory, gemma, "<end_of_turn>")
     result = tokenize_trajectory(trajectory, gemma, end_token_ids=[end_id])
+    assert expected
     assert result.input_ids == ids
     assert result.trained_positions() == expected
     assert "<start_of_turn>model\n" in gemma.decode(result.input_ids)

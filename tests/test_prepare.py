@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import ConfigError, load_params
+from stepflow.envs.scienceworld import ScienceWorldEnv
 from stepflow.prepare import load_examples, load_prepared, prepare, prepare_hash
 from stepflow.trajectory import read_trajectories
 
@@ -57,6 +58,82 @@ def test_prepare_writes_verified_golden_sets(tmp_path, params_file, monkeypatch)
         assert "Here is an example" in trajectory.turns[1].content
     stats = json.loads(Path("data/prepare_stats.json").read_text())
     assert stats["replayed"] == len(manifest.select("u1", "u2"))
+
+
+def _half_gold_path(actions: list[str]) -> list[str]:
+    """The first half of a gold path (a path cut short on purpose)."""
+    return actions[: len(actions) // 2]
+
+
+def _bare_replay_score(task: str, variation: int) -> float:
+    """The score the bare simulator (no stepflow code) ends on after the first half of an
+    instance's gold path, in a fresh JVM as prepare replays it."""
+    from scienceworld import ScienceWorldEnv as Simulator
+
+    simulator = Simulator("", envStepLimit=1000)
+    try:
+        simulator.load(task, variation, "easy", generateGoldPath=True)
+        simulator.reset()
+        gold = simulator.get_gold_action_sequence()
+        for action in _half_gold_path(gold):
+            _, _, done, info = simulator.step(action)
+            assert not done, action
+        return float(info["score"])
+    finally:
+        simulator.close()
+
+
+@pytest.mark.slow
+def test_replays_short_of_full_score_are_dropped_and_reported(
+    tmp_path, params_file, monkeypatch, caplog
+) -> None:
+    """Golden paths are kept only at score 100: a gold path cut to its first half on purpose
+    (the U2 instance's) is dropped and listed with its score in prepare_stats.json and the log; a
+    compressed path that misses 100 (life stages: the plants grow with every action) falls
+    back to the original path, counted in prepare_stats.json."""
+    monkeypatch.chdir(tmp_path)
+    task = "identify-life-stages-2"
+    overrides = [
+        f"env.task_types=[{task}]",
+        "splits.train_per_task=2",
+        "splits.test_per_task=1",
+        "env.workers=1",
+        "agent.one_shot=false",
+        "golden.compress=true",
+    ]
+    params = load_params(params_file, overrides)
+    gold_actions = ScienceWorldEnv.gold_actions
+
+    def u2_cut_short(self: ScienceWorldEnv) -> list[str]:
+        actions = gold_actions(self)
+        return _half_gold_path(actions) if self._instance.split == "u2" else actions
+
+    monkeypatch.setattr(ScienceWorldEnv, "gold_actions", u2_cut_short)
+    with caplog.at_level("WARNING", logger="stepflow.prepare"):
+        summary = prepare(params, show_progress=False)
+
+    manifest, d1, d2 = load_prepared(Path("data"))
+    [u1], [u2] = manifest.select("u1"), manifest.select("u2")
+    # seed 0 draws variations 0 (U1) and 3 (U2); variation 0's compressed path falls back
+    assert (u1.variation, u2.variation) == (0, 3), "the seeded draw changed: pick new ones"
+    score = _bare_replay_score(task, u2.variation)
+    assert 0 <= score < 100
+    assert d2 == [] and [t.key for t in d1] == [u1.key]
+    stats = json.loads(Path("data/prepare_stats.json").read_text())
+    assert stats == summary.as_dict() | {"seconds": stats["seconds"]}
+    assert stats["kept"] == {"u1": 1}
+    assert stats["dropped"] == [f"{u2.key} (score {score:g})"]
+    assert f"gold replay did not reach score 100, dropped: {u2.key} (score {score:g})" in (
+        caplog.text
+    )
+    [kept] = d1
+    assert kept.success and kept.provenance.extra["compression"] == "fallback"
+    assert int(kept.provenance.extra["raw_steps"]) == kept.num_steps
+    assert not any(t.action.startswith("teleport to ") for t in kept.assistant_turns())
+    assert stats["compression_fallbacks"] == 1
+    lengths = stats["path_lengths"][task]
+    assert (lengths["paths"], lengths["compressed"], lengths["fallbacks"]) == (1, 0, 1)
+    assert lengths["raw_max"] == lengths["max"] == kept.num_steps
 
 
 def test_thought_modes(tmp_path, params_file, monkeypatch) -> None:

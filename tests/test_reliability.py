@@ -213,6 +213,78 @@ def test_killed_synthesis_resumes_without_duplicates(workspace: Path) -> None:
 
 
 @pytest.mark.slow
+def test_killed_evaluation_resumes_without_running_finished_episodes_again(
+    workspace: Path,
+) -> None:
+    args = [*CLI, "evaluate", "init_sft", "-p", "params.yaml"]
+    args += ["-S", "rollout.concurrency=1", "-S", "env.step_limit=6"]
+    proc = subprocess.Popen(
+        args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    logs = lambda: list(Path(".stepflow/work").glob("evaluate-init_sft-test-*/episodes.jsonl"))  # noqa: E731
+    wait_for(lambda: bool(logs()) and lines(logs()[0]) >= 1, proc, "the first episode", 600)
+    kill(proc)
+    (work_log,) = logs()
+    landed = work_log.read_text()
+    (finished,) = read_trajectories(work_log)  # one of the two test instances
+    params = load_params("params.yaml")
+    output, metrics_file = eval_paths(params, "init_sft", "test")
+    assert not output.exists() and not metrics_file.exists()  # nothing half-written
+
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    # the finished episode is kept as it was and not run again: one new record only
+    assert work_log.read_text().startswith(landed)
+    keys = [t.key for t in read_trajectories(work_log)]
+    assert len(keys) == 2 and len(set(keys)) == 2
+    evaluated = {t.key: t for t in read_trajectories(output)}
+    assert sorted(evaluated) == sorted(keys) and evaluated[finished.key] == finished
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["overall"]["episodes"] == 2 and sorted(metrics["instances"]) == sorted(keys)
+    assert metrics["overall"]["steps"] == sum(t.num_steps for t in evaluated.values())
+    assert json.loads(Path("metrics/init_sft.json").read_text())["test"]["episodes"] == 2
+
+
+@pytest.mark.slow
+def test_killed_sharded_synthesis_resumes_without_duplicates(
+    workspace: Path, tmp_path: Path
+) -> None:
+    # two shards on a one-process pool: the shards run one after the other
+    args = [*CLI, "synthesize", "-p", "params.yaml", "-S", "env.step_limit=6"]
+    args += ["-S", "scaleout.task_runner=process", "-S", "scaleout.workers=1"]
+    args += ["-S", "scaleout.shards=2"]
+    env = child_env(PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.Popen(
+        args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    shards = lambda: sorted(Path(".stepflow/work").glob("synthesize-*/shards/shard-*.jsonl"))  # noqa: E731
+    wait_for(lambda: sum(lines(p) for p in shards()) >= 1, proc, "the first episode", 600)
+    kill(proc)
+    landed = {p: p.read_text() for p in shards()}
+    done = sum(text.count("\n") for text in landed.values())
+    assert 1 <= done < 3
+    assert not Path("data/reflected.jsonl").exists()  # no half-written output
+    # killed in the middle of writing a record: a shard file ends in an unfinished line
+    written = next(p for p, text in landed.items() if text)
+    with written.open("a") as handle:
+        handle.write(landed[written].splitlines()[0][:200])
+
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    (work_log,) = Path(".stepflow/work").glob("synthesize-*/episodes.jsonl")
+    merged = work_log.read_text()
+    for text in landed.values():  # finished episodes kept as they were, not run again
+        assert all(line in merged.splitlines() for line in text.splitlines())
+    keys = [t.key for t in read_trajectories(work_log)]
+    assert len(keys) == 3 and len(set(keys)) == 3
+    assert not shards()  # every shard file merged
+    stats = json.loads(Path("data/synthesis_stats.json").read_text())
+    assert (stats["resumed"], stats["episodes"]) == (done, 3)
+    reflected = [t.key for t in read_trajectories("data/reflected.jsonl")]
+    assert len(reflected) == stats["kept"] and len(set(reflected)) == len(reflected)
+
+
+@pytest.mark.slow
 def test_killed_training_resumes_from_the_last_checkpoint(workspace: Path) -> None:
     args = [*CLI, "train", "golden", "-p", "params.yaml"]
     args += ["-S", "training.max_steps=6", "-S", "training.save_steps=2"]

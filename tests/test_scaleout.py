@@ -1,9 +1,13 @@
 """Episodes in shards: the split, the merge, and synthesis/evaluation on a real Dask
-LocalCluster of 2 worker processes against the default in-process runner."""
+LocalCluster of 2 worker processes against the default in-process runner; episodes spread
+over two servers of one model listed in `base_url`."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,9 +43,13 @@ def test_merge_appends_each_instance_once(tmp_path: Path) -> None:
     shard_dir = tmp_path / "shards"
     write_trajectories(shard_dir / "shard-000.jsonl", [make_trajectory(0), make_trajectory(1)])
     write_trajectories(shard_dir / "shard-001.jsonl", [make_trajectory(2), make_trajectory(1)])
+    killed = shard_dir / "shard-002.jsonl"  # a worker killed while writing its second record
+    write_trajectories(killed, [make_trajectory(3)])
+    with killed.open("a") as handle:
+        handle.write(make_trajectory(4).model_dump_json()[:150])
     added = merge_shards(work_log, shard_dir)
-    assert sorted(t.variation for t in added) == [1, 2]
-    assert sorted(t.variation for t in read_trajectories(work_log)) == [0, 1, 2]
+    assert sorted(t.variation for t in added) == [1, 2, 3]
+    assert sorted(t.variation for t in read_trajectories(work_log)) == [0, 1, 2, 3]
     assert list(shard_dir.iterdir()) == []  # merged shard files are removed
     assert merge_shards(work_log, shard_dir) == []
 
@@ -97,6 +105,13 @@ def _episodes(path: Path) -> dict[str, tuple]:
     return episodes
 
 
+def _processes(paths: list[Path]) -> set[tuple[str, str]]:
+    """(pid, process name) of the processes that ran the episodes of these files."""
+    extras = [t.provenance.extra for path in paths for t in read_trajectories(path)]
+    assert extras and all(e["host"] == socket.gethostname() for e in extras)
+    return {(e["pid"], e["process"]) for e in extras}
+
+
 @pytest.fixture
 def one_torch_thread():
     """Decode on one thread in this process too, as every Dask worker does
@@ -113,12 +128,14 @@ def one_torch_thread():
 def test_dask_cluster_gives_the_default_runners_episodes(
     base_agent_workspace: Path, tmp_path: Path, monkeypatch, one_torch_thread
 ) -> None:
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # as flows/ (read when Prefect is first imported): a busy machine outlasts the 20 s default
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from stepflow.evaluation import eval_paths, evaluate_agent
     from stepflow.synthesize import synthesize
     from tasks.scaleout import shard_map
 
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     results = {}
     for name, overrides in (("default", SCALE), ("dask", [*SCALE, *DASK])):
         workspace = _copy_workspace(base_agent_workspace, tmp_path / name)
@@ -133,6 +150,12 @@ def test_dask_cluster_gives_the_default_runners_episodes(
         for log in work_logs:  # one trajectory per instance, no duplicates
             keys = [t.key for t in read_trajectories(log)]
             assert len(keys) == len(set(keys))
+        ran_in = _processes([eval_paths(params, "init_sft", "test")[0], *work_logs])
+        if name == "default":
+            assert ran_in == {(str(os.getpid()), "MainProcess")}
+        else:  # every episode ran in a worker process of the cluster, none in this one
+            assert ran_in and str(os.getpid()) not in {pid for pid, _ in ran_in}
+            assert {process for _, process in ran_in} == {"Dask Worker process (from Nanny)"}
         results[name] = {
             "reflected": _episodes(workspace / "data/reflected.jsonl"),
             "synthesis": {log.parent.name.split("-")[0]: _episodes(log) for log in work_logs},
@@ -146,3 +169,52 @@ def test_dask_cluster_gives_the_default_runners_episodes(
     # a rerun on the cluster resumes: everything is done, nothing is rerun
     again = synthesize(params, show_progress=False, shard_map=shard_map(params))
     assert again.resumed == again.episodes == default["summary"][0]
+
+
+@pytest.mark.slow
+def test_episodes_are_spread_over_the_listed_servers_each_on_one(
+    tmp_path: Path, embedded_dir: Path, monkeypatch
+) -> None:
+    from stepflow.rollout import run_rollout
+    from tests.conftest import write_tiny_params
+    from tests.servers import KEY, KEY_ENV, openai_servers, requests_seen
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    instances = [
+        TaskInstance("scienceworld", "find-non-living-thing", v, "train") for v in (1, 2, 3)
+    ]
+    with openai_servers(2) as roots:
+        # a long timeout: a retried request would be seen twice by its server
+        endpoint = {"base_url": [f"{r}/v1" for r in roots], "timeout_s": 900}
+        student = {
+            "backend": "openai",
+            "model": "embedded",
+            "endpoint": {**endpoint, "model": "embedded", "api_key_env": KEY_ENV},
+            "generation": {"max_new_tokens": 16},
+        }
+        # one episode at a time: a client that picked a server per request would move
+        # every episode of more than one step to the other server
+        overrides = {"student": student, "env.step_limit": 2, "rollout.concurrency": 1}
+        write_tiny_params(tmp_path, overrides)
+        params = load_params(tmp_path / "params.yaml")
+        summary = run_rollout(params, instances, tmp_path / "episodes.jsonl", progress=False)
+        seen = {root: requests_seen(root) for root in roots}
+
+    episodes = list(read_trajectories(tmp_path / "episodes.jsonl"))
+    assert summary.episodes == 3 and summary.failed == 0
+    instructions = {t.instruction: t for t in episodes}
+    assert len(instructions) == 3  # each request names its episode by the task's instruction
+    servers: dict[str, list[str]] = {t.key: [] for t in episodes}
+    for root, requests in seen.items():
+        for request in requests:
+            assert request["status"] == 200
+            text = "\n".join(m["content"] for m in request["messages"])
+            (episode,) = [t for i, t in instructions.items() if i in text]
+            servers[episode.key].append(root)
+    for episode in episodes:
+        used = servers[episode.key]
+        assert len(used) == episode.stats.student_steps >= 1
+        assert len(set(used)) == 1, f"{episode.key} used {set(used)}"
+    assert any(len(used) >= 2 for used in servers.values())  # an episode of several requests
+    # handed out in turn: both servers used
+    assert sorted(Counter(used[0] for used in servers.values()).values()) == [1, 2]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from stepflow.envs.base import TaskInstance
@@ -93,3 +95,57 @@ def test_ambiguous_options_are_listed_sorted() -> None:
     ]
     assert options == ["go door between kitchen and outside", "go door between foundry and outside"]
     assert sorted_choices("You move to the kitchen.") == ("You move to the kitchen.", None)
+
+
+# find-non-living-thing 0 starts in the hallway: `go door` there is ambiguous between its six
+# doors, and the task's red box is in the kitchen (moving there scores 25, elsewhere 17)
+HALLWAY = TaskInstance("scienceworld", "find-non-living-thing", 0, "train")
+
+
+def _options(observation: str) -> list[str]:
+    """The options of an ambiguous-request observation, in the order shown (numbered 0..)."""
+    head, *lines = observation.strip().splitlines()
+    assert head.startswith("Ambiguous request"), observation
+    numbered = [re.fullmatch(r"(\d+):\t(.+)", line) for line in lines]
+    assert all(numbered) and [int(m.group(1)) for m in numbered] == list(range(len(lines)))
+    return [m.group(2) for m in numbered]
+
+
+def test_numeric_answer_runs_the_option_shown(env) -> None:
+    """Each number the agent answers runs the option shown under it, as the bare simulator
+    runs that option under its own number (the simulator's order changes between resets)."""
+    from scienceworld import ScienceWorldEnv as Simulator
+
+    simulator = Simulator("", envStepLimit=1000)
+    try:
+        simulator.load(HALLWAY.task_type, HALLWAY.variation, "easy", generateGoldPath=False)
+        jvm_orders, scores = [], {}
+        for indexes in ((0, 1, 2), (3, 4, 5)):  # two episodes: the sorted rooms in turn
+            env.reset(HALLWAY)
+            simulator.reset()
+            for index in indexes:
+                shown = _options(env.step("go door").observation)
+                assert len(shown) == 6 and shown == sorted(shown), shown
+                jvm_orders.append(env._choices)  # what the env's own simulator listed
+                picked = shown[index]
+                result = env.step(str(index))
+
+                listed = _options(simulator.step("go door")[0])
+                assert sorted(listed) == shown
+                observation, _, _, info = simulator.step(str(listed.index(picked)))
+
+                rooms = re.fullmatch(r"go door between (.+) and (.+)", picked).groups()
+                [room] = [r for r in rooms if r != "hallway"]
+                assert observation == f"You move through the door to the {room}."
+                assert result.valid and result.observation == observation, (index, picked)
+                assert result.score == info["score"], (index, picked)
+                scores[room] = result.score
+                env.step("teleport to hallway")
+                simulator.step("teleport to hallway")
+    finally:
+        simulator.close()
+    # the answers had to be translated: the env's simulator did not list them sorted
+    assert any(order != sorted(order) for order in jvm_orders), jvm_orders
+    # the first episode visits art studio, bedroom, greenhouse; the second starts in the
+    # kitchen, where the task's red box is
+    assert scores["kitchen"] > max(scores[r] for r in ("art studio", "bedroom", "greenhouse"))

@@ -3,6 +3,7 @@ stopped with `stepflow serve`."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import socket
@@ -49,6 +50,53 @@ def _requests_served(base_url: str) -> float:
         float(m.group(1))
         for m in re.finditer(r"^vllm:request_success_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
     )
+
+
+def expected_served_name(agent: str, adapter: Path) -> str:
+    """`<agent>-<first 12 hex of the SHA-256 of the adapter's weights file>`, the rule of
+    stepflow.llm.served_adapters, computed here from the file's bytes."""
+    weights = (Path(adapter) / "adapter_model.safetensors").read_bytes()
+    return f"{agent}-{hashlib.sha256(weights).hexdigest()[:12]}"
+
+
+def test_served_name_follows_the_adapter_weights(tmp_path) -> None:
+    """A real (tiny) LoRA adapter saved twice with the same weights keeps its served name,
+    whatever else its directory holds; retrained in place, it gets a new one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    first, copy = tmp_path / "init_sft", tmp_path / "copy"
+    model.save_pretrained(first)
+    model.save_pretrained(copy)
+    (copy / "stepflow.json").write_text('{"note": "a model card does not change the name"}')
+    name = served_name("init_sft", first)
+    assert name == expected_served_name("init_sft", first)
+    assert served_name("init_sft", copy) == name
+    assert served_name("golden", copy) == expected_served_name("golden", copy) != name
+
+    # one optimizer step on a batch: the retrained adapter is saved over the old one
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(0, config.vocab_size, (1, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.save_pretrained(first)
+    retrained = served_name("init_sft", first)
+    assert retrained == expected_served_name("init_sft", first)
+    assert retrained != name and served_name("init_sft", copy) == name
 
 
 def test_server_command_enables_lora_and_picks_the_engine() -> None:
@@ -152,7 +200,7 @@ def test_teacher_and_base_agent_adapter_through_vllm(
     assert summary.teacher == "llm:student"
     assert summary.episodes == len(load_manifest(Path("data/manifest.json")).select("u2"))
     assert summary.teacher_calls > 0 and summary.teacher_completion_tokens > 0
-    adapter_name = served_name("init_sft", Path("models/init_sft"))
+    adapter_name = expected_served_name("init_sft", Path("models/init_sft"))
     models = httpx.get(vllm["base_url"] + "/models", timeout=10).json()["data"]
     assert adapter_name in {m["id"] for m in models}
     episodes = read_trajectories(next(Path(".stepflow/work").glob("synthesize-*/episodes.jsonl")))
@@ -171,7 +219,7 @@ def test_trained_adapter_evaluated_through_vllm(vllm, base_agent_workspace, tmp_
     metrics = evaluate_agent(params, "init_sft", "test", show_progress=False)
     assert metrics.overall.episodes == 2
     episodes = read_trajectories(Path("data/eval/init_sft/test.jsonl"))
-    adapter_name = served_name("init_sft", Path("models/init_sft"))
+    adapter_name = expected_served_name("init_sft", Path("models/init_sft"))
     assert {t.provenance.student_model for t in episodes} == {adapter_name}
     assert all(t.provenance.source == "evaluation" for t in episodes)
 

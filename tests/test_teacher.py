@@ -297,9 +297,9 @@ def test_reference_teacher_corrects_injected_mistakes(base_agent_workspace, monk
     assert no_progress and all(t.kind == "erroneous_step" for t in no_progress)
     # every correction was executed: an observation follows it
     turns = trajectory.turns
-    for index, turn in enumerate(turns):
-        if turn.kind == "reflection":
-            assert turns[index + 1].kind == "observation"
+    reflections = [index for index, turn in enumerate(turns) if turn.kind == "reflection"]
+    assert len(reflections) >= 2
+    assert [turns[index + 1].kind for index in reflections] == ["observation"] * len(reflections)
     assert trajectory.stats.corrections == sum(1 for t in assistant if t.kind == "reflection")
     assert trajectory.stats.corrections >= 2
     assert trajectory.provenance.teacher == "reference"
@@ -353,11 +353,16 @@ def test_synthesize_stage_writes_kept_trajectories(base_agent_workspace, monkeyp
     assert stats["kept"] + stats["dropped"] == stats["episodes"]
     assert stats["teacher"] == "reference"
     assert stats["kept"] >= 1, "the tiny base agent solves some U2 tasks with the teacher"
+    assert len(kept) == stats["kept"]  # the loop below sees every kept trajectory
     for trajectory in kept:
-        assert trajectory.reward >= params.synthesis.keep_threshold
+        # kept: successful, not stopped, and enough of the student's own accepted steps
+        assert trajectory.success and trajectory.reward >= params.synthesis.keep_threshold
         assert trajectory.stop_reason is None and trajectory.failure is None
+        assert trajectory.own_fraction >= params.synthesis.min_own_steps
         assert trajectory.split == "u2" and trajectory.provenance.source == "synthesis"
-        for turn in trajectory.assistant_turns():
+        turns = trajectory.assistant_turns()
+        assert turns
+        for turn in turns:
             assert turn.loss is (turn.kind != "erroneous_step" and turn.action is not None)
         # nothing went unjudged: every student step is accepted or erroneous
         counts = trajectory.stats
@@ -369,7 +374,8 @@ def test_synthesize_stage_writes_kept_trajectories(base_agent_workspace, monkeyp
     assert stats["accepted_turns"] == sum(t.stats.accepted_steps for t in kept)
     assert stats["accepted_share"] == round(stats["accepted_turns"] / len(kinds), 4)
     assert 0 <= stats["reflection_token_share"] <= 1
-    assert stats["reflection_token_share"] > 0 if stats["reflection_turns"] else True
+    # reflection turns carry trained tokens, and only they do
+    assert (stats["reflection_token_share"] > 0) is (stats["reflection_turns"] > 0)
     assert stats["own_fraction"]["min"] <= stats["own_fraction"]["median"]
     assert sum(stats["dropped_by"].values()) == stats["dropped"]
     again = synthesize(params, show_progress=False)  # a rerun resumes: nothing new to run

@@ -24,15 +24,17 @@ FIND = TaskInstance("scienceworld", "find-non-living-thing", 1, "u2")
 LIFESPAN = TaskInstance("scienceworld", "lifespan-longest-lived", 1, "u2")
 # find-non-living-thing 1 (score after each): open door to hallway (8, a no-op), go to hallway
 # (17), open door to kitchen (17, a no-op), go to kitchen (25), look around (25), focus on
-# soap (75), move soap to green box (100)
+# THING (75), move THING to green box (100). Which non-living thing the simulator's gold path
+# picks changes from one load to the next (soap, thermometer, a glass jar, ...), so THING is
+# read from the reference replay and the rows below name it as "{thing}".
 FIND_GOLD = [
     "open door to hallway",
     "go to hallway",
     "open door to kitchen",
     "go to kitchen",
     "look around",
-    "focus on soap",
-    "move soap to green box",
+    "focus on {thing}",
+    "move {thing} to green box",
 ]
 # lifespan-longest-lived 1: ... go to outside (50), focus on baby baby brown bear (100)
 LIFESPAN_PREFIX = [
@@ -55,18 +57,18 @@ DECISIONS = [
     # ... and the position followed it: the reference's "look around" comes next
     (FIND, [*FIND_GOLD[:2], "teleport to kitchen"], "look around", None),
     (FIND, [*FIND_GOLD[:2], "teleport to kitchen"], "pick up soap", ("no_progress", "look around")),
-    (FIND, FIND_GOLD[:4], "focus on the soap", None),
+    (FIND, FIND_GOLD[:4], "focus on the soap", None),  # any non-living thing will do
     (FIND, FIND_GOLD[:4], "focus on air", None),  # air is a non-living thing: the score rose
-    (FIND, FIND_GOLD[:6], "move soap to blue box", ("invalid", "move soap to green box")),
-    (FIND, FIND_GOLD[:6], "fly to the moon", ("invalid", "move soap to green box")),
-    (FIND, FIND_GOLD[:6], "go to hallway", ("no_progress", "move soap to green box")),
-    (FIND, FIND_GOLD[:6], "pick up soap", None),  # 75 -> 83, on the way to the box
+    (FIND, FIND_GOLD[:6], "move {thing} to blue box", ("invalid", "move {thing} to green box")),
+    (FIND, FIND_GOLD[:6], "fly to the moon", ("invalid", "move {thing} to green box")),
+    (FIND, FIND_GOLD[:6], "go to hallway", ("no_progress", "move {thing} to green box")),
+    (FIND, FIND_GOLD[:6], "pick up {thing}", None),  # 75 -> 83, on the way to the box
     # short of the reference's next score: its step is still to do
     (
         FIND,
-        [*FIND_GOLD[:6], "pick up soap"],
+        [*FIND_GOLD[:6], "pick up {thing}"],
         "look around",
-        ("no_progress", "move soap to green box"),
+        ("no_progress", "move {thing} to green box"),
     ),
     (LIFESPAN, LIFESPAN_PREFIX, "focus on brown bear", None),
     (LIFESPAN, LIFESPAN_PREFIX, "focus on air", ("failed", "focus on baby baby brown bear")),
@@ -89,8 +91,10 @@ def references(simulator):
         assert replay.success
         thoughts = [template_thought(a) for a in replay.actions]
         rendered[instance.key] = render_golden(replay, thoughts, None, Provenance(source="golden"))
-    assert [t.action for t in rendered[FIND.key].assistant_turns()] == FIND_GOLD
-    return rendered
+    find_gold = [t.action for t in rendered[FIND.key].assistant_turns()]
+    thing = find_gold[5].removeprefix("focus on ")
+    assert find_gold == [step.format(thing=thing) for step in FIND_GOLD]
+    return rendered, thing
 
 
 def _facts(env: ScienceWorldEnv, instance: TaskInstance, accepted: list[str], action: str):
@@ -142,12 +146,15 @@ def _facts(env: ScienceWorldEnv, instance: TaskInstance, accepted: list[str], ac
     ids=[f"{i.task_type}:{len(a)}:{act}" for i, a, act, _ in DECISIONS],
 )
 def test_reference_teacher_decision(simulator, references, instance, accepted, action, expected):
+    rendered, thing = references
+    accepted = [step.format(thing=thing) for step in accepted]
+    action = action.format(thing=thing)
     facts = _facts(simulator, instance, accepted, action)
-    judgment = asyncio.run(ReferenceTeacher().judge(facts, references[instance.key]))
+    judgment = asyncio.run(ReferenceTeacher().judge(facts, rendered[instance.key]))
     if expected is None:
         assert judgment.correct, (judgment.reason, judgment.action)
     else:
-        reason, correction = expected
+        reason, correction = expected[0], expected[1].format(thing=thing)
         assert not judgment.correct
         assert (judgment.reason, judgment.action) == (reason, correction)
         assert judgment.thought == template_thought(correction)

@@ -6,6 +6,11 @@ always all of them: the stored assistant turn may have been re-formatted, and a 
 token sequence may re-tokenize differently. So the reusable part is the longest common token
 prefix, never the whole stored sequence.
 
+A session seen for the first time starts from the stored state that shares the longest
+prefix with its prompt (the system prompt and task preamble every episode begins with), so
+that prefix is encoded once for all episodes rather than once per episode. Caches are only
+read when a batch is assembled, so one state can seed any number of sessions.
+
 Several sessions are decoded together in one left-padded batch: each row's cached prefix is
 left-padded to a common width, so that every row's new tokens start at the same column.
 Positions come from the attention mask, so a row's cached keys (computed at positions
@@ -126,6 +131,19 @@ class SessionStore:
             self._states.move_to_end(session)
             while len(self._states) > self.max_sessions:
                 self._states.popitem(last=False)
+
+    def longest_prefix(self, prompt: list[int]) -> tuple[SessionState | None, int]:
+        """The kept state that can supply the most leading tokens of `prompt`, and how many."""
+        with self._lock:
+            states = list(self._states.values())
+        best, best_length = None, 0
+        for state in states:
+            if not state.ids or state.ids[0] != (prompt[0] if prompt else None):
+                continue
+            length = state.reusable(prompt)
+            if length > best_length:
+                best, best_length = state, length
+        return best, best_length
 
     def drop(self, session: str) -> None:
         """Forget a session."""

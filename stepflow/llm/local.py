@@ -3,7 +3,8 @@
 One worker thread owns the model and drains a request queue: requests that arrive while it
 is busy are decoded together in one left-padded `generate` call (on a CPU, batching is where
 throughput comes from). Within a session (one episode) the KV cache of the conversation
-prefix is kept between turns, so a turn only encodes the tokens that are new.
+prefix is kept between turns, so a turn only encodes the tokens that are new; a new session
+starts from the longest prefix (e.g. the shared system prompt) another session has encoded.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ from stepflow.llm.kv_cache import (
 )
 
 if TYPE_CHECKING:
+    from transformers import (
+        DynamicCache,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
     from transformers import GenerationConfig as HFGenerationConfig
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ class BackendStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    new_prompt_tokens: int = 0  # prompt tokens not found in a cache
+    prefill_tokens: int = 0  # prompt positions encoded (new tokens plus batch padding)
     generate_s: float = 0.0
 
     @property
@@ -254,37 +262,70 @@ class LocalBackend:
             settings["do_sample"] = False
         return HFGenerationConfig(**settings)
 
+    def _encode_prefix(
+        self, ids: list[int], cache: DynamicCache | None, start: int, end: int
+    ) -> DynamicCache:
+        """A new cache: the first `start` positions of `cache`, then `ids[start:end]` encoded."""
+        import torch
+
+        extended = assemble_batch_cache(self._config, [(cache, start)], start)
+        with torch.inference_mode():
+            self.model(
+                input_ids=torch.tensor([ids[start:end]], device=self.model.device),
+                cache=extended,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return extended
+
     def _generate(self, batch: list[_Request]) -> list[Completion]:
         """Decode a batch of requests in one `generate` call, reusing session caches."""
         import torch
 
-        states: list[SessionState | None] = []
+        started = time.perf_counter()
+
+        caches: list[DynamicCache | None] = []
+        reusable: list[int] = []
         seen: set[str] = set()
         for request in batch:
-            state = None
+            state, length = None, 0
             if self.reuse_cache and request.session and request.session not in seen:
                 state = self.sessions.get(request.session)
+                length = state.reusable(request.ids) if state else 0
                 seen.add(request.session)
-            states.append(state)
-        reusable = [s.reusable(r.ids) if s else 0 for r, s in zip(batch, states, strict=True)]
-        # Every row gets the same number of new input columns; a row with fewer new tokens
-        # re-encodes the tail of its cached prefix.
-        new_width = max(len(r.ids) - n for r, n in zip(batch, reusable, strict=True))
+            if self.reuse_cache and state is None:
+                # a new conversation: start from the longest prefix another one has encoded
+                state, length = self.sessions.longest_prefix(request.ids)
+            caches.append(state.cache if state else None)
+            reusable.append(length)
+        new_tokens = [len(r.ids) - n for r, n in zip(batch, reusable, strict=True)]
+        if self.reuse_cache:
+            # Every row of one `generate` call gets the same number of new input columns. A
+            # row with more new tokens than the shortest first encodes its excess alone, so
+            # no row pays for another's long prompt (a new episode beside running ones).
+            new_width = min(new_tokens)
+            for row, request in enumerate(batch):
+                end = len(request.ids) - new_width
+                if end > reusable[row]:
+                    caches[row] = self._encode_prefix(request.ids, caches[row], reusable[row], end)
+                    self.stats.prefill_tokens += end - reusable[row]
+        else:  # a row with fewer new tokens re-encodes the tail of its prefix
+            new_width = max(new_tokens)
         used = [max(0, len(r.ids) - new_width) for r in batch]
+        cached = [min(u, n) for u, n in zip(used, reusable, strict=True)]
         cache_width = max(used)
         width = cache_width + new_width
         cache = assemble_batch_cache(
-            self._config,
-            [(s.cache if s else None, n) for s, n in zip(states, used, strict=True)],
-            cache_width,
+            self._config, list(zip(caches, used, strict=True)), cache_width
         )
+        self.stats.prefill_tokens += len(batch) * new_width
+        self.stats.new_prompt_tokens += sum(new_tokens)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for row, request in enumerate(batch):
             input_ids[row, width - len(request.ids) :] = torch.tensor(request.ids)
             attention[row, width - len(request.ids) :] = 1
         limit = max(r.max_new_tokens for r in batch)
-        started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids.to(self.model.device),
@@ -319,14 +360,14 @@ class LocalBackend:
                     text=text,
                     prompt_tokens=len(request.ids),
                     completion_tokens=len(generated),
-                    cached_tokens=used[row],
+                    cached_tokens=cached[row],
                     finish_reason=finish,
                 )
             )
         self.stats.requests += len(batch)
         self.stats.batches += 1
         self.stats.prompt_tokens += sum(len(r.ids) for r in batch)
-        self.stats.cached_tokens += sum(used)
+        self.stats.cached_tokens += sum(cached)
         self.stats.completion_tokens += sum(c.completion_tokens for c in results)
         self.stats.generate_s += elapsed
         return results

@@ -31,37 +31,60 @@ def openai_server(
 ) -> Iterator[str]:
     """Run `openai_compat.py` over `model` (served as `served_name`, default `model`),
     requiring the key of KEY_ENV; yield its root URL."""
-    port = free_port()
-    command = [sys.executable, str(OPENAI_COMPAT), "--model", model, "--port", str(port)]
-    command += ["--served-name", served_name or model]
-    proc = subprocess.Popen(
-        [*command, "--api-key-env", KEY_ENV],
-        env={**os.environ, KEY_ENV: KEY},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    root = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
+    with openai_servers(1, model=model, served_name=served_name, timeout_s=timeout_s) as roots:
+        yield roots[0]
+
+
+@contextmanager
+def openai_servers(
+    count: int, *, model: str = "embedded", served_name: str | None = None, timeout_s: float = 180
+) -> Iterator[list[str]]:
+    """`count` servers as `openai_server` (replicas of one model), started together; yield
+    their root URLs."""
+    procs: list[subprocess.Popen] = []
+    roots: list[str] = []
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{root}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.5)
-        yield root
+        for _ in range(count):
+            port = free_port()
+            command = [sys.executable, str(OPENAI_COMPAT), "--model", model, "--port", str(port)]
+            command += ["--served-name", served_name or model, "--api-key-env", KEY_ENV]
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    env={**os.environ, KEY_ENV: KEY},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
+            roots.append(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + timeout_s
+        for proc, root in zip(procs, roots, strict=True):
+            _wait_healthy(proc, root, deadline)
+        yield roots
     finally:
-        proc.terminate()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_healthy(proc: subprocess.Popen, root: str, deadline: float) -> None:
+    """Wait until the server at `root` answers /health; fail when it exits or time is up."""
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if httpx.get(f"{root}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server {root} did not start")
+        time.sleep(0.5)
 
 
 def inject(root: str, **fault) -> None:
@@ -72,3 +95,16 @@ def inject(root: str, **fault) -> None:
 def clear_faults(root: str) -> None:
     """Drop the faults not yet served."""
     httpx.delete(f"{root}/admin/faults", timeout=5).raise_for_status()
+
+
+def requests_seen(root: str) -> list[dict]:
+    """The chat requests the server received, oldest first: `at` (monotonic seconds),
+    `messages`, `status` (the status answered)."""
+    response = httpx.get(f"{root}/admin/requests", timeout=5)
+    response.raise_for_status()
+    return response.json()
+
+
+def forget_requests(root: str) -> None:
+    """Empty the server's request log."""
+    httpx.delete(f"{root}/admin/requests", timeout=5).raise_for_status()

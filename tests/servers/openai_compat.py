@@ -5,7 +5,10 @@ clients can be tested against real generations over real HTTP. Fault injection f
 tests: `POST /admin/faults {"count": 2, "status": 503}` makes the next two chat requests
 fail with that status; `{"count": 1, "delay_s": 3}` delays the next one instead;
 `{"count": 1, "body": "non_json"}` answers 200 with an HTML page, `"truncated_json"` with a
-JSON document cut in half, `"cut"` closes the connection in the middle of the body.
+JSON document cut in half, `"cut"` closes the connection in the middle of the body;
+`"retry_after": 2` adds that header (seconds) to a fault's status answer.
+`GET /admin/requests` lists the chat requests received (arrival time on the monotonic
+clock, messages, the status answered), `DELETE /admin/requests` forgets them.
 
     python tests/servers/openai_compat.py --model embedded --port 8000 [--api-key-env VAR]
 """
@@ -47,6 +50,7 @@ class Faults(BaseModel):
     status: int | None = None
     delay_s: float = 0.0
     body: Literal["non_json", "truncated_json", "cut"] | None = None
+    retry_after: int | None = None
 
 
 def broken_answer(kind: str) -> Response:
@@ -70,6 +74,7 @@ def create_app(backend: LocalBackend, served_name: str, api_key: str | None) -> 
     """The FastAPI app serving `backend` under the model name `served_name`."""
     app = FastAPI()
     faults: list[Faults] = []
+    seen: list[dict] = []
 
     def check_key(authorization: str | None) -> None:
         if api_key is not None and authorization != f"Bearer {api_key}":
@@ -96,23 +101,46 @@ def create_app(backend: LocalBackend, served_name: str, api_key: str | None) -> 
         faults.clear()
         return {"pending": 0}
 
+    @app.get("/admin/requests")
+    async def requests() -> list[dict]:
+        return seen
+
+    @app.delete("/admin/requests")
+    async def forget() -> dict:
+        seen.clear()
+        return {"requests": 0}
+
     @app.post("/v1/chat/completions")
     async def chat(request: ChatRequest, authorization: str | None = Header(default=None)):
         check_key(authorization)
+        record = {
+            "at": time.monotonic(),
+            "messages": [m.model_dump() for m in request.messages],
+            "status": 200,
+        }
+        seen.append(record)
         if faults:
             fault = faults.pop(0)
             if fault.delay_s:
                 await asyncio.sleep(fault.delay_s)
             if fault.body is not None:
+                record["status"] = f"200 {fault.body}"
                 return broken_answer(fault.body)
             if fault.status is not None:
+                record["status"] = fault.status
+                headers = {}
+                if fault.retry_after is not None:
+                    headers["Retry-After"] = str(fault.retry_after)
                 return JSONResponse(
                     status_code=fault.status,
                     content={"error": {"message": "injected fault", "code": fault.status}},
+                    headers=headers,
                 )
         if request.model != served_name:
+            record["status"] = 404
             raise HTTPException(status_code=404, detail=f"model {request.model!r} not served")
         if request.stream:
+            record["status"] = 400
             raise HTTPException(status_code=400, detail="streaming is not supported")
         completion = await backend.complete(
             [m.model_dump() for m in request.messages],
