@@ -25,6 +25,8 @@ from stepflow.protocols import eto_variations
 from stepflow.trajectory import Split
 
 MANIFEST_VERSION = 1
+# The params.yaml keys the manifest depends on (plus the selected engine's own section)
+MANIFEST_KEYS = ("seed", "env.name", "env.task_types", "env.simplification", "splits")
 
 
 class SplitSource(Protocol):
@@ -148,7 +150,7 @@ def build_manifest(source: SplitSource, params: Params) -> Manifest:
         env=source.name,
         simplification=params.env.simplification,
         seed=seed,
-        params_hash=params.section_hash("seed", "env", "splits"),
+        params_hash=params.section_hash(*MANIFEST_KEYS, *params.env.engine_keys()),
         sources=_sources(source, params),
         instances=entries,
     )
