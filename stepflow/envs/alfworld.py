@@ -68,6 +68,22 @@ def canonical_command(command: str) -> str:
     return f"put {match.group('o') or match.group('o2')} in/on {match.group('r')}"
 
 
+_AGENT_PLACE = re.compile(
+    rf"^(?:{'|'.join(_PLACE_VERBS)}) (?P<o>.+?) (?:{'|'.join(map(re.escape, _PLACE_PREPOSITIONS))})"
+    r" (?P<r>.+)$"
+)
+
+
+def canonical_wording(action: str) -> str:
+    """A placing action in the games' wording, whichever verb and preposition the agent
+    wrote (`place mug 1 on desk 1` → `put mug 1 in/on desk 1`); other actions unchanged.
+    Without the game's admissible commands at hand, `put X into Y` counts as placing too."""
+    match = _AGENT_PLACE.match(_spaced(action))
+    if match is None:
+        return action
+    return f"put {match.group('o')} in/on {match.group('r')}"
+
+
 def command_lookup(admissible: list[str]) -> dict[str, str]:
     """Every accepted spelling (lower case, single spaces) → the game's admissible command."""
     lookup: dict[str, str] = {}
