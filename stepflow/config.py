@@ -107,16 +107,22 @@ GoalRange = Annotated[tuple[NonNegInt, NonNegInt], Field(description="[first, la
 
 
 class AlfworldConfig(Strict):
-    """ALFWorld (TextWorld PDDL engine): where the game files are and which expert to follow."""
+    """ALFWorld (TextWorld PDDL engine): where the game files are, which expert to follow."""
 
     data_dir: Path | None = Field(
         default=None,
         description="directory holding json_2.1.1/ (from `alfworld-download`); "
         "default: the ALFWORLD_DATA environment variable",
     )
-    expert: Literal["handcoded", "planner"] = Field(
-        default="handcoded",
-        description="golden actions: the handcoded expert of ALFWorld, or the PDDL planner",
+    expert: Literal["planner", "handcoded"] = Field(
+        default="planner",
+        description="golden actions: the PDDL planner's plan, or ALFWorld's handcoded "
+        "expert where its path reaches the goal within golden_max_steps (else the plan)",
+    )
+    golden_max_steps: PositiveInt = Field(
+        default=40,
+        description="a golden trajectory is kept only if it reaches the goal within this "
+        "many steps (ETO's ALFWorld cap)",
     )
     dev_split: Literal["valid_seen", "valid_unseen"] = "valid_seen"
     test_split: Literal["valid_seen", "valid_unseen"] = "valid_unseen"
@@ -223,7 +229,8 @@ class SplitsConfig(Strict):
     instances: Literal["official", "eto"] = Field(
         default="official",
         description="where dev/test instances come from: the official splits, or ETO's "
-        "fixed lists (ScienceWorld: 194 seen = dev, 211 unseen = test, 24 task types); "
+        "fixed lists (ScienceWorld: 194 seen = dev, 211 unseen = test, 24 task types; "
+        "ALFWorld: 140 valid_seen = dev, 134 valid_unseen = test); "
         "training instances always come from the official train split",
     )
 
@@ -550,8 +557,8 @@ class Params(Strict):
 
         env = self.env
         eto_lists = self.splits.instances == "eto"
-        if eto_lists and env.name != "scienceworld":
-            raise ValueError("splits.instances 'eto' has lists for ScienceWorld only")
+        if eto_lists and env.name == "webshop":
+            raise ValueError("splits.instances 'eto' has lists for ScienceWorld and ALFWorld only")
         keys = [
             key
             for key, eto in (

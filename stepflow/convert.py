@@ -3,7 +3,10 @@
 A record is `{"id": ..., "conversations": [{"from": "human"|"gpt"|"system", "value": ...,
 "loss": bool|null}, ...]}`. Exported records also carry a `stepflow` block (every trajectory
 field but the turns) and a `kind`/`action` per turn, so export → import is lossless; records
-from elsewhere import without them, with kinds inferred from position and loss flags.
+from elsewhere import without them: kinds are inferred from position and loss flags, an
+assistant turn without a loss flag is trained (as SFT on such data trains every assistant
+turn), and its action is read from its "Action: ..." line (ETO's and AgentTuning's ALFWorld
+data write `put X in/on Y`, the wording stepflow's ALFWorld speaks).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from stepflow.agent.parser import parse_step
 from stepflow.jsonl import DataError, write_records
 from stepflow.trajectory import Provenance, Trajectory, Turn
 
@@ -63,17 +67,21 @@ def from_conversation(record: dict[str, Any], defaults: dict[str, Any] | None = 
         role = _FROM_ROLE.get(entry.get("from"))
         if role is None:
             raise ValueError(f"conversations[{index}]: unknown speaker {entry.get('from')!r}")
+        foreign = "kind" not in entry
         kind = entry.get("kind") or _infer_kind(role, index, entry)
-        loss = (
-            bool(entry.get("loss")) if role == "assistant" and kind != "erroneous_step" else False
-        )
+        flag = entry.get("loss")
+        trained = flag is not False if foreign else bool(flag)
+        loss = trained if role == "assistant" and kind != "erroneous_step" else False
+        action = entry.get("action")
+        if foreign and role == "assistant" and action is None:
+            action = parse_step(entry["value"]).action
         turns.append(
             Turn(
                 role=role,
                 content=entry["value"],
                 kind=kind,
                 loss=loss,
-                action=entry.get("action"),
+                action=action,
                 score=entry.get("score"),
             )
         )

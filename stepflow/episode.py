@@ -44,6 +44,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The params.yaml keys every episode reads (environment, prompting, student); a stage that
+# runs episodes adds its own keys (and the selected engine's section) to these in its digest.
+EPISODE_KEYS = (
+    "seed",
+    "env.name",
+    "env.simplification",
+    "env.step_limit",
+    "env.step_limits",
+    "agent",
+    "student",
+)
+
 Source = Literal["rollout", "synthesis", "evaluation"]
 
 
@@ -72,7 +84,7 @@ class RolloutSettings:
         cls, params: Params, *, source: Source = "rollout", params_hash: str | None = None
     ) -> RolloutSettings:
         """Settings of params.yaml (per-task step limits, agent, student, synthesis)."""
-        sections = ["env", "agent", "student"]
+        sections = [*EPISODE_KEYS, *params.env.engine_keys()]
         if source == "synthesis":
             sections += ["teacher", "synthesis"]
         return cls(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import get_args
 
 from stepflow.config import AgentName, LLMConfig, Params
+from stepflow.episode import EPISODE_KEYS
 from stepflow.jsonl import atomic_write_json
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
@@ -20,7 +21,6 @@ from stepflow.metrics import AgentMetrics, agent_metrics
 from stepflow.prepare import WORK_ROOT
 from stepflow.protocols import protocol_keys
 from stepflow.provenance import adapter_digest
-from stepflow.rollout import EPISODE_KEYS
 from stepflow.shards import RolloutSpec, ShardMap, run_stage
 from stepflow.splits import load_manifest
 from stepflow.trajectory import read_trajectories, write_trajectories

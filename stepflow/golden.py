@@ -1,7 +1,8 @@
 """Golden (expert) trajectories from the simulator's gold action sequences.
 
-A gold sequence is replayed in the real environment and kept only if it reaches full score;
-the replay stops at the step that completes the task (gold paths may carry trailing no-ops).
+A gold sequence is replayed in the real environment and kept only if it reaches full score
+(within the environment's `golden_max_steps` when it sets one: ALFWorld); the replay stops
+at the step that completes the task (gold paths may carry trailing no-ops).
 With compression (ScienceWorld with teleportation), a successful path is shortened —
 navigation runs become `teleport to <room>`, no-op actions are dropped — and the shorter
 path is replayed in turn; it replaces the original only if it also reaches full score.
@@ -38,6 +39,8 @@ class GoldReplay:
     start_score: float = 0.0
     raw_steps: int | None = None  # steps of the uncompressed replay (compression tried)
     compression: Compression = "off"
+    max_steps: int | None = None  # the replay was cut after this many steps
+    expert: str | None = None  # which of the environment's experts gave the sequence
 
     @property
     def final_score(self) -> float:
@@ -69,8 +72,18 @@ def replay_gold(env: TextEnv, instance: TaskInstance, *, compress: bool = False)
     path replayed from a fresh reset; it is returned if it reaches full score too."""
     instruction, first_observation = env.reset(instance)
     gold = env.gold_actions()
+    cap = env.golden_max_steps
     replay = _play(
-        GoldReplay(instance, instruction, first_observation, gold_length=len(gold)), env, gold
+        GoldReplay(
+            instance,
+            instruction,
+            first_observation,
+            gold_length=len(gold),
+            max_steps=cap,
+            expert=env.gold_expert,
+        ),
+        env,
+        gold if cap is None else gold[:cap],
     )
     if not compress:
         return replay
@@ -261,12 +274,13 @@ def render_golden(
 
 
 def _with_compression(provenance: Provenance, replay: GoldReplay) -> Provenance:
-    """Provenance carrying the raw path length and compression outcome (when tried)."""
-    if replay.raw_steps is None:
+    """Provenance carrying the raw path length and compression outcome (when tried) and
+    the expert that gave the path (when the environment has several)."""
+    extra = dict(provenance.extra)
+    if replay.raw_steps is not None:
+        extra.update(raw_steps=str(replay.raw_steps), compression=replay.compression)
+    if replay.expert is not None:
+        extra["expert"] = replay.expert
+    if extra == provenance.extra:
         return provenance
-    extra = {
-        **provenance.extra,
-        "raw_steps": str(replay.raw_steps),
-        "compression": replay.compression,
-    }
     return provenance.model_copy(update={"extra": extra})

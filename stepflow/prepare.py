@@ -110,17 +110,28 @@ def replay_all(
 
 def path_lengths(trajectories: list[Trajectory]) -> dict[str, dict[str, float | int]]:
     """Per task type, golden path lengths (steps) of successful replays before (`raw_*`)
-    and after compression, and how many were compressed / fell back to the original."""
+    and after compression, and how many were compressed / fell back to the original; with
+    several experts (ALFWorld), how many paths each gave (`expert_<name>`)."""
     by_task: dict[str, list[Trajectory]] = {}
+    replayed: Counter = Counter()
     for trajectory in trajectories:
+        replayed[trajectory.task_type] += 1
         if trajectory.success:
             by_task.setdefault(trajectory.task_type, []).append(trajectory)
     table: dict[str, dict[str, float | int]] = {}
-    for task, group in sorted(by_task.items()):
+    for task in sorted(replayed):
+        group = by_task.get(task, [])
+        if not group:
+            table[task] = {"replayed": replayed[task], "paths": 0}
+            continue
         steps = [t.num_steps for t in group]
         raw = [int(t.provenance.extra.get("raw_steps", t.num_steps)) for t in group]
         outcome = Counter(t.provenance.extra.get("compression", "off") for t in group)
+        experts = Counter(
+            t.provenance.extra["expert"] for t in group if "expert" in t.provenance.extra
+        )
         table[task] = {
+            "replayed": replayed[task],
             "paths": len(group),
             "raw_mean": round(sum(raw) / len(raw), 2),
             "raw_max": max(raw),
@@ -128,6 +139,7 @@ def path_lengths(trajectories: list[Trajectory]) -> dict[str, dict[str, float | 
             "max": max(steps),
             "compressed": outcome["compressed"],
             "fallbacks": outcome["fallback"],
+            **{f"expert_{name}": n for name, n in sorted(experts.items())},
         }
     return table
 
@@ -265,9 +277,11 @@ def _write_outputs(
             by_split[instance.split].append(trajectory)
             kept[instance.split] += 1
         else:
-            dropped.append(f"{instance.key} (score {trajectory.score:g})")
+            dropped.append(
+                f"{instance.key} (score {trajectory.score:g} after {trajectory.num_steps} steps)"
+            )
     for key in dropped:
-        log.warning("gold replay did not reach score 100, dropped: %s", key)
+        log.warning("gold replay did not reach score 100 (within its step cap), dropped: %s", key)
     write_manifest(data_dir / "manifest.json", manifest)
     write_trajectories(data_dir / "golden_d1.jsonl", by_split["u1"])
     write_trajectories(data_dir / "golden_d2.jsonl", by_split["u2"])

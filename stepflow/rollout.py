@@ -39,17 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ExampleFor = Callable[[TaskInstance], str | None]
-# The params.yaml keys every episode reads (environment, prompting, student); a stage that
-# runs episodes adds its own keys to these in its digest.
-EPISODE_KEYS = (
-    "seed",
-    "env.name",
-    "env.simplification",
-    "env.step_limit",
-    "env.step_limits",
-    "agent",
-    "student",
-)
 
 
 class EpisodeErrors(RuntimeError):

@@ -3,8 +3,10 @@
 Training instances U (from the environment's official train split) are cut per task type
 into U1 (golden SFT, D1) and U2 (self-reflection synthesis) by a seeded fraction; test and
 dev instances come from the official test and dev splits, or from ETO's fixed lists
-(`splits.instances: eto`; read from package data, no simulator needed). Every choice is
-deterministic for a seed and independent of the order task types are listed in.
+(`splits.instances: eto`; read from package data). An environment whose splits come from
+data folders (ALFWorld: `train/` or `valid_train/`) names them in the manifest's `sources`.
+Every choice is deterministic for a seed and independent of the order task types are
+listed in.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from stepflow.protocols import eto_variations
 from stepflow.trajectory import Split
 
 MANIFEST_VERSION = 1
+# The params.yaml keys the manifest depends on (plus the selected engine's own section)
+MANIFEST_KEYS = ("seed", "env.name", "env.task_types", "env.simplification", "splits")
 
 
 class SplitSource(Protocol):
@@ -60,6 +64,11 @@ class Manifest(BaseModel):
     simplification: str
     seed: int
     params_hash: str
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="split → where the environment took its instances from (ALFWorld: "
+        "the json_2.1.1/ folder, e.g. train: valid_train); empty for built-in task spaces",
+    )
     instances: list[ManifestEntry] = Field(min_length=1)
 
     def select(self, *splits: Split, task_types: list[str] | None = None) -> list[TaskInstance]:
@@ -103,6 +112,8 @@ def evaluation_variations(
     """The dev or test variations a task type draws from: the official split, or ETO's
     list under `splits.instances: eto`."""
     if params.splits.instances == "eto":
+        if hasattr(source, "eto_variations"):  # the environment maps ETO's list (ALFWorld)
+            return source.eto_variations(task, split)  # type: ignore[attr-defined]
         return eto_variations(task, split)
     return source.variations(task, split)
 
@@ -139,9 +150,16 @@ def build_manifest(source: SplitSource, params: Params) -> Manifest:
         env=source.name,
         simplification=params.env.simplification,
         seed=seed,
-        params_hash=params.section_hash("seed", "env", "splits"),
+        params_hash=params.section_hash(*MANIFEST_KEYS, *params.env.engine_keys()),
+        sources=_sources(source, params),
         instances=entries,
     )
+
+
+def _sources(source: SplitSource, params: Params) -> dict[str, str]:
+    """Where each split's instances come from, when the environment says."""
+    named = getattr(source, "split_sources", None)
+    return {} if named is None else dict(named(params.splits.instances))
 
 
 def write_manifest(path: str | Path, manifest: Manifest) -> None:

@@ -21,12 +21,12 @@ from pathlib import Path
 from statistics import mean, quantiles
 
 from stepflow.config import Params
+from stepflow.episode import EPISODE_KEYS
 from stepflow.jsonl import atomic_write_json
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
 from stepflow.prepare import WORK_ROOT, load_prepared
 from stepflow.provenance import adapter_digest
-from stepflow.rollout import EPISODE_KEYS
 from stepflow.shards import RolloutSpec, ShardMap, run_stage
 from stepflow.teacher import TeacherStats
 from stepflow.trajectory import Trajectory, read_trajectories, write_trajectories

@@ -1,6 +1,11 @@
-"""A tiny self-made ALFWorld dataset for the tests (the official games need a download).
+"""ALFWorld data for the tests: the real 2.1.1 games from the shared archive, and a tiny
+self-made dataset for the fast tests of the adapter.
 
-Each game is a one-room "pick and place" PDDL problem for the domain the `alfworld` wheel
+The real games (`valid_train`, `valid_seen`, `valid_unseen` of ALFWorld's json_2.1.1
+release) come from `<repo>/../shared/data/alfworld/json_2.1.1.tar.gz` (or
+`$STEPFLOW_SHARED_DATA/alfworld/...`), extracted into a temporary directory.
+
+Each self-made game is a one-room "pick and place" PDDL problem for the domain the `alfworld` wheel
 ships (`alfworld/data/alfred.pddl`), with the object and receptacle ids mangled the way
 ALFRED's scenes name them, a `traj_data.json` with the task parameters the handcoded expert
 reads, and a `game.tw-pddl` built as `alfworld-generate` builds it (domain, grammar with the
@@ -10,7 +15,12 @@ task filled in, problem).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("STEPFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+REAL_GAMES = SHARED_DATA / "alfworld" / "json_2.1.1.tar.gz"
 
 RECEPTACLES = {
     "CounterTop": ("_plus_00_dot_50_bar__plus_00_dot_95_bar__plus_01_dot_00", "loc_bar_1_bar_4"),
@@ -115,11 +125,25 @@ def write_game(folder: Path, obj: str, source: str, target: str) -> Path:
     return path
 
 
-def write_dataset(root: Path) -> Path:
-    """The tiny dataset under `root/json_2.1.1`; returns `root` (an ALFWORLD_DATA)."""
+def write_dataset(root: Path, train_folder: str = "train") -> Path:
+    """The tiny dataset under `root/json_2.1.1` (training games in `train_folder`);
+    returns `root` (an ALFWORLD_DATA)."""
     for split, games in GAMES.items():
         for index, (obj, source, target) in enumerate(games):
             name = f"pick_and_place_simple-{obj}-None-{target}-{index + 1}"
-            folder = root / "json_2.1.1" / split / name / f"trial_T{index:04d}"
-            write_game(folder, obj, source, target)
+            folder = split if split != "train" else train_folder
+            trial = root / "json_2.1.1" / folder / name / f"trial_T{index:04d}"
+            write_game(trial, obj, source, target)
     return root
+
+
+def real_games(target: Path) -> Path:
+    """The real 2.1.1 games extracted into `target`; returns `target` (an ALFWORLD_DATA)."""
+    from stepflow.envs.alfworld import unpack_games
+
+    if not REAL_GAMES.is_file():
+        raise FileNotFoundError(
+            f"real ALFWorld games: {REAL_GAMES} not found; the tests expect the shared data "
+            "directory beside the repository (../shared/data) or STEPFLOW_SHARED_DATA"
+        )
+    return unpack_games(REAL_GAMES, target)

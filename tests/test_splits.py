@@ -95,3 +95,32 @@ def test_manifest_round_trip(env, params_file, tmp_path) -> None:
     manifest = build_manifest(env, _params(params_file, train_per_task=4))
     write_manifest(tmp_path / "manifest.json", manifest)
     assert load_manifest(tmp_path / "manifest.json") == manifest
+
+
+
+def test_another_engines_section_leaves_every_digest_alone(env, params_file) -> None:
+    """Changing `env.alfworld` marks nothing stale in a ScienceWorld run (manifest, golden
+    data, episodes, synthesis, evaluation), and every digest of an ALFWorld run changes."""
+    from stepflow.episode import RolloutSettings
+    from stepflow.evaluation import evaluation_digest
+    from stepflow.prepare import prepare_hash
+    from stepflow.synthesize import synthesis_digest
+
+    def digests(overrides: list[str]) -> dict[str, str]:
+        params = load_params(params_file, [f"env.task_types={TASKS}", *overrides])
+        found = {
+            "prepare": prepare_hash(params),
+            "episode": RolloutSettings.from_params(params).params_hash,
+            "synthesis": synthesis_digest(params, None),
+            "evaluation": evaluation_digest(params, "base"),
+        }
+        if params.env.name == "scienceworld":
+            found["manifest"] = build_manifest(env, params).params_hash
+        return found
+
+    other_engine = "env.alfworld.golden_max_steps=7"
+    assert digests([other_engine]) == digests([])
+
+    alfworld = ["env.name=alfworld", "env.task_types=[look_at_obj_in_light]"]
+    before, after = digests(alfworld), digests([*alfworld, other_engine])
+    assert [key for key in before if before[key] == after[key]] == []

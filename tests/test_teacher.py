@@ -130,6 +130,26 @@ def test_alignment_skips_unneeded_gold_steps() -> None:
     assert _position(["look around"]) == 0
 
 
+ALFWORLD_GOLD = [
+    "go to countertop 1",
+    "take mug 1 from countertop 1",
+    "go to desk 1",
+    "put mug 1 in/on desk 1",
+]
+
+
+@pytest.mark.parametrize(
+    "wording", ["put mug 1 in/on desk 1", "put mug 1 in desk 1", "Place the mug 1 on desk 1."]
+)
+def test_alfworld_placing_wordings_match_the_reference(wording) -> None:
+    """ALFWorld rewards only the goal, so the reference's position follows the wording: any
+    spelling the game reads as the same command is the reference's step."""
+    alignment = Alignment("alfworld", gold_steps(_reference(ALFWORLD_GOLD)))
+    assert alignment.match(3, wording) == 3
+    assert alignment.match(2, wording) == 3  # the walk to the desk turned out unneeded
+    assert alignment.match(3, "put mug 1 in/on shelf 1") is None
+
+
 @pytest.mark.parametrize(
     ("facts", "reason"),
     [

@@ -5,7 +5,14 @@ from __future__ import annotations
 from stepflow.config import EnvConfig
 from stepflow.envs.base import StepResult, TaskInstance, TextEnv
 
-__all__ = ["StepResult", "TaskInstance", "TextEnv", "make_env", "observation_only"]
+__all__ = [
+    "StepResult",
+    "TaskInstance",
+    "TextEnv",
+    "canonical_wording",
+    "make_env",
+    "observation_only",
+]
 
 
 def make_env(config: EnvConfig) -> TextEnv:
@@ -36,3 +43,13 @@ def observation_only(env: str, action: str) -> bool:
 
         return alfworld_observation_only(action)
     return False
+
+
+def canonical_wording(env: str, action: str) -> str:
+    """`action` in the one wording the environment's other spellings of the same command map
+    to (ALFWorld: `put X in Y`, `move X to Y`, ... → `put X in/on Y`); others unchanged."""
+    if env == "alfworld":
+        from stepflow.envs.alfworld import canonical_wording as alfworld_canonical_wording
+
+        return alfworld_canonical_wording(action)
+    return action

@@ -52,6 +52,8 @@ class TextEnv(ABC):
     name: str
     start_score: float = 0.0  # the task's score right after reset (some tasks start above 0)
     restarts: int = 0  # times the simulator process was restarted after dying
+    golden_max_steps: int | None = None  # golden paths must reach the goal within it
+    gold_expert: str | None = None  # which expert the last gold_actions() followed, if several
 
     @abstractmethod
     def reset(self, instance: TaskInstance) -> tuple[str, str]:

@@ -8,8 +8,10 @@
   steps (their reward is the final one, as in ETO).
 
 Success is the same under both: the task solved (ScienceWorld score 100).
-ETO's fixed instance lists (194 seen = `dev`, 211 unseen = `test`) are chosen separately,
-by `splits.instances: eto` (see `eto_variations`).
+ETO's fixed instance lists are chosen separately, by `splits.instances: eto`: ScienceWorld
+194 seen = `dev`, 211 unseen = `test` (see `eto_variations`); ALFWorld the 140 `valid_seen`
+games = `dev` and the 134 `valid_unseen` games of `eto/alfworld/gamefile_id.txt` = `test`
+(see `eto_alfworld_games`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ def eto_scienceworld() -> EtoScienceWorld:
     return EtoScienceWorld(
         caps=caps, dev=instances("dev_indices.json"), test=instances("test_indices.json")
     )
+
+
+@cache
+def eto_alfworld_games() -> tuple[str, ...]:
+    """ETO's ALFWorld test games (`valid_unseen/<task folder>/<trial>`), package data."""
+    path = resources.files(__package__) / "eto" / "alfworld" / "gamefile_id.txt"
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return tuple(f"valid_unseen/{line}" for line in lines if line)
 
 
 def eto_variations(task_type: str, split: Literal["dev", "test"]) -> list[int]:

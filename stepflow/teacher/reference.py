@@ -4,7 +4,8 @@ The order of the checks:
 1. A step that is unparseable, invalid, lost the task or lowered the score is wrong,
    whatever it matches.
 2. A step is right when it is the reference's next action, in any wording the simulator
-   reads the same way (case, spacing, articles and final punctuation do not matter); or
+   reads the same way (case, spacing, articles and final punctuation do not matter, nor
+   the environment's other spellings of a command, e.g. ALFWorld's `put X in Y`); or
    one of the next few reference actions (skipping steps that turned out unnecessary, such
    as opening a door that is already open) — but only an action the reference does once
    and that changes the world: a generic or repeatable action (`look around`, `go to
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 from stepflow.agent.parser import parse_step
 from stepflow.agent.prompts import OBSERVATION_PREFIX
-from stepflow.envs import observation_only
+from stepflow.envs import canonical_wording, observation_only
 from stepflow.llm.base import ChatBackend
 from stepflow.teacher import templates
 from stepflow.teacher.base import Judgment, Reason, StepFacts, TeacherStats, clean_reflection
@@ -95,19 +96,24 @@ class Alignment:
     def __init__(self, env: str, gold: list[GoldStep]) -> None:
         self.env = env
         self.gold = gold
-        counts = Counter(normalise(step.action) for step in gold)
-        self._once = {a for a, n in counts.items() if n == 1}
+        self._keys = [self.key(step.action) for step in gold]
+        self._once = {a for a, n in Counter(self._keys).items() if n == 1}
+
+    def key(self, action: str) -> str:
+        """What two wordings of the same command have in common (the environment's own
+        spellings of a command first, then `normalise`)."""
+        return normalise(canonical_wording(self.env, action))
 
     def match(self, position: int, action: str) -> int | None:
         """Index of the reference step that `action` is, from `position` on."""
-        wanted = normalise(action)
-        if position < len(self.gold) and normalise(self.gold[position].action) == wanted:
+        wanted = self.key(action)
+        if position < len(self.gold) and self._keys[position] == wanted:
             return position
         if wanted not in self._once or _generic(self.env, action):
             return None
         end = min(position + LOOKAHEAD + 1, len(self.gold))
         for index in range(position + 1, end):
-            if normalise(self.gold[index].action) == wanted:
+            if self._keys[index] == wanted:
                 return index
         return None
 
