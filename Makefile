@@ -37,7 +37,7 @@ run: setup
 ## stays in one process: its module fixtures are built once)
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -v --durations=30 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -v --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## test-fast: skip tests marked slow (for quick local iterations only; CI runs `make test`)
 test-fast: setup

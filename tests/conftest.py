@@ -18,8 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # The test files with the longest runs (`make test` prints each test's duration), started
-# first so that the test workers (`make test` runs two, one file each at a time) finish
-# together rather than one of them running a long file alone at the end.
+# first so that the test workers (`make test` runs two, one file each at a time, in this
+# order: `--no-loadscope-reorder`) finish together rather than one of them running a long
+# file alone at the end.
 LONGEST_FIRST = (
     "test_reliability.py",
     "test_pipeline.py",
