@@ -130,7 +130,9 @@ class _Episode:
 async def _execute(
     episode: _Episode, env: AsyncEnv, action: str, max_chars: int | None
 ) -> StepResult:
+    started = time.perf_counter()
     result = await env.step(action)
+    episode.stats.env_s += time.perf_counter() - started
     episode.actions.append(action)
     highest = episode.max_score
     episode.max_score = result.score if highest is None else max(highest, result.score)
@@ -197,7 +199,9 @@ async def _apply_review(
     assert review.action is not None
     if lost:
         # the step made the task unwinnable: take it back, in the world and in the context
+        started = time.perf_counter()
         await env.restore(episode.instance, episode.actions[:-1])
+        episode.stats.env_s += time.perf_counter() - started
         episode.actions.pop()
         del episode.turns[student_index:]
         episode.last = previous
@@ -239,21 +243,26 @@ async def run_episode(
     started = time.perf_counter()
     restarts_before = env.env.restarts
     instruction, first_observation = await env.reset(instance)
+    reset_s = time.perf_counter() - started
     turns = opening_turns(
         instance.env, instruction, first_observation, example, settings.max_observation_chars
     )
     turns[-1] = turns[-1].model_copy(update={"score": env.env.start_score})
     episode = _Episode(instance, instruction, turns)
+    episode.stats.env_s = reset_s
     limit = settings.limit_for(instance)
     session = instance.key
     failure = None
     try:
         while episode.stats.student_steps < limit and episode.running:
+            asked = time.perf_counter()
+            messages = fit_messages(episode.turns, settings.prompt_fit, episode.stats)
+            sent = time.perf_counter()
             completion = await backend.complete(
-                fit_messages(episode.turns, settings.prompt_fit, episode.stats),
-                session=session,
-                max_new_tokens=settings.max_new_tokens,
+                messages, session=session, max_new_tokens=settings.max_new_tokens
             )
+            episode.stats.prompt_s += sent - asked
+            episode.stats.llm_s += time.perf_counter() - sent
             episode.stats.prompt_tokens += completion.prompt_tokens
             episode.stats.completion_tokens += completion.completion_tokens
             episode.stats.student_steps += 1
@@ -308,7 +317,9 @@ async def run_episode(
                 env=env,
             )
             episode.stats.teacher_calls += 1
+            reviewed = time.perf_counter()
             review = await reviewer.review(context)
+            episode.stats.teacher_s += time.perf_counter() - reviewed
             if review is None:
                 episode.stats.accepted_steps += 1
                 continue
@@ -322,7 +333,10 @@ async def run_episode(
     finally:
         backend.end_session(session)
     episode.stats.env_restarts = env.env.restarts - restarts_before
-    episode.stats.wall_s = round(time.perf_counter() - started, 3)
+    stats = episode.stats
+    stats.wall_s = round(time.perf_counter() - started, 3)
+    for name in ("prompt_s", "llm_s", "env_s", "teacher_s"):
+        setattr(stats, name, round(getattr(stats, name), 3))
     last = episode.last
     return Trajectory(
         env=instance.env,

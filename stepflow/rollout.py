@@ -71,6 +71,12 @@ class RolloutSummary:
     new_steps: int = 0
     wall_s: float = 0.0
     steps_per_s: float = 0.0
+    # seconds summed over this run's episodes (they overlap under concurrency): building
+    # prompts, waiting for the student, in the simulator, in the teacher's reviews
+    prompt_s: float = 0.0
+    llm_s: float = 0.0
+    env_s: float = 0.0
+    teacher_s: float = 0.0
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -120,6 +126,10 @@ def summarize(
         new_steps=new_steps,
         wall_s=round(wall_s, 3),
         steps_per_s=round(new_steps / wall_s, 3) if wall_s > 0 else 0.0,
+        **{
+            name: round(sum(getattr(t.stats, name) for t in new), 3)
+            for name in ("prompt_s", "llm_s", "env_s", "teacher_s")
+        },
     )
 
 

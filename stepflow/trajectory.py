@@ -74,6 +74,9 @@ class EpisodeStats(_Record):
     with a teacher, each is judged and ends up `accepted_steps` or `erroneous_steps`.
     `truncated` turns stopped at the generation limit (never executed). `rewinds` are wrong
     steps taken back because they made the task unwinnable (removed from the conversation).
+    Where the wall time went: `prompt_s` building prompts, `llm_s` waiting for the student's
+    completions (queued behind other episodes' requests included), `env_s` in the simulator
+    (reset, steps, restores), `teacher_s` in the teacher's reviews.
     """
 
     parse_failures: int = 0
@@ -90,7 +93,10 @@ class EpisodeStats(_Record):
     completion_tokens: int = 0
     env_restarts: int = 0
     wall_s: float = 0.0
-    truncated: int = 0
+    prompt_s: float = 0.0
+    llm_s: float = 0.0
+    env_s: float = 0.0
+    teacher_s: float = 0.0
     fitted_prompts: int = 0
 
 

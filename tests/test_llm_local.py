@@ -184,6 +184,22 @@ def test_stops_at_end_of_turn_or_length(backend) -> None:
     assert cut.completion_tokens == 3
 
 
+def test_a_calls_time_divides_into_prefill_and_decode(embedded_dir) -> None:
+    """The first generated token ends the prefill: a one-token answer is all prefill, and
+    tokens after the first add decode time only."""
+    fresh = LocalBackend("embedded", reuse_cache=False)
+    try:
+        fresh.complete_sync([SYSTEM, FIRST], max_new_tokens=1)
+        one = fresh.stats.prefill_s, fresh.stats.decode_s
+        fresh.complete_sync([SYSTEM, FIRST], max_new_tokens=24)
+        more = fresh.stats.prefill_s - one[0], fresh.stats.decode_s - one[1]
+    finally:
+        fresh.close()
+    assert one[0] > 0 and one[1] < one[0] / 10
+    assert more[1] > one[1] and more[1] > 0
+    assert fresh.stats.prefill_s + fresh.stats.decode_s <= fresh.stats.generate_s
+
+
 def test_lora_adapter_is_applied(tmp_path, embedded_dir) -> None:
     from peft import LoraConfig, get_peft_model
 

@@ -58,6 +58,9 @@ def check_trajectory(trajectory: Trajectory, limit: int) -> None:
     assert stats.invalid_actions <= executed
     assert stats.prompt_tokens > 0 and stats.completion_tokens > 0
     assert stats.wall_s > 0
+    # where the time went: each part measured, together within the episode's wall time
+    assert stats.llm_s > 0 and stats.env_s > 0 and stats.prompt_s >= 0 and stats.teacher_s == 0
+    assert stats.prompt_s + stats.llm_s + stats.env_s <= stats.wall_s + 0.01
     assert trajectory.provenance.student_model == "embedded"
     assert trajectory.provenance.source == "rollout"
 
@@ -93,6 +96,11 @@ def test_concurrent_episodes_of_the_embedded_model(tmp_path: Path, embedded_dir)
     assert summary.prompt_tokens == backend.stats.prompt_tokens
     assert backend.stats.requests == summary.steps
     assert backend.stats.cached_tokens > 0  # later turns reuse the conversation prefix
+    assert summary.llm_s == pytest.approx(sum(t.stats.llm_s for t in trajectories), abs=0.01)
+    assert summary.env_s == pytest.approx(sum(t.stats.env_s for t in trajectories), abs=0.01)
+    # the backend's time divides into prefill and decode
+    assert backend.stats.prefill_s > 0 and backend.stats.decode_s > 0
+    assert backend.stats.prefill_s + backend.stats.decode_s <= backend.stats.generate_s
     assert len(backend.sessions) == 0  # every episode released its cache
 
 

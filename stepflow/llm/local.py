@@ -32,6 +32,7 @@ from stepflow.llm.kv_cache import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from transformers import (
         DynamicCache,
         PretrainedConfig,
@@ -66,12 +67,29 @@ class BackendStats:
     completion_tokens: int = 0
     new_prompt_tokens: int = 0  # prompt tokens not found in a cache
     prefill_tokens: int = 0  # prompt positions encoded (new tokens plus batch padding)
-    generate_s: float = 0.0
+    generate_s: float = 0.0  # wall time of batch assembly, prefill, decode and detokenising
+    prefill_s: float = 0.0  # encoding prompts, up to the first generated token of a batch
+    decode_s: float = 0.0  # generating the tokens after the first
 
     @property
     def mean_batch_size(self) -> float:
         """Requests per `generate` call."""
         return self.requests / self.batches if self.batches else 0.0
+
+
+class FirstTokenClock:
+    """A stopping criterion that stops nothing: it notes when `generate` produced its first
+    token, which divides a call's time into prefill and decode."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        import torch
+
+        if self.first is None:
+            self.first = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class LocalBackend:
@@ -281,6 +299,7 @@ class LocalBackend:
     def _generate(self, batch: list[_Request]) -> list[Completion]:
         """Decode a batch of requests in one `generate` call, reusing session caches."""
         import torch
+        from transformers import StoppingCriteriaList
 
         started = time.perf_counter()
 
@@ -326,13 +345,19 @@ class LocalBackend:
             input_ids[row, width - len(request.ids) :] = torch.tensor(request.ids)
             attention[row, width - len(request.ids) :] = 1
         limit = max(r.max_new_tokens for r in batch)
+        clock = FirstTokenClock()
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids.to(self.model.device),
                 attention_mask=attention.to(self.model.device),
                 cache=cache,
                 generation_config=self._generation_config(limit),
+                stopping_criteria=StoppingCriteriaList([clock]),
             )
+        generated_at = time.perf_counter()
+        first = clock.first or generated_at
+        self.stats.prefill_s += first - started  # the excess encodings above included
+        self.stats.decode_s += generated_at - first
         elapsed = time.perf_counter() - started
         steps = output.shape[1] - width
         cached_positions = cache_length(cache)
