@@ -97,7 +97,6 @@ def test_manifest_round_trip(env, params_file, tmp_path) -> None:
     assert load_manifest(tmp_path / "manifest.json") == manifest
 
 
-
 def test_another_engines_section_leaves_every_digest_alone(env, params_file) -> None:
     """Changing `env.alfworld` marks nothing stale in a ScienceWorld run (manifest, golden
     data, episodes, synthesis, evaluation), and every digest of an ALFWorld run changes."""
