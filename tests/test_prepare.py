@@ -65,9 +65,9 @@ def _half_gold_path(actions: list[str]) -> list[str]:
     return actions[: len(actions) // 2]
 
 
-def _bare_replay_score(task: str, variation: int) -> float:
+def _bare_replay_score(task: str, variation: int) -> tuple[float, int]:
     """The score the bare simulator (no stepflow code) ends on after the first half of an
-    instance's gold path, in a fresh JVM as prepare replays it."""
+    instance's gold path, in a fresh JVM as prepare replays it, and that half's length."""
     from scienceworld import ScienceWorldEnv as Simulator
 
     simulator = Simulator("", envStepLimit=1000)
@@ -75,10 +75,11 @@ def _bare_replay_score(task: str, variation: int) -> float:
         simulator.load(task, variation, "easy", generateGoldPath=True)
         simulator.reset()
         gold = simulator.get_gold_action_sequence()
-        for action in _half_gold_path(gold):
+        half = _half_gold_path(gold)
+        for action in half:
             _, _, done, info = simulator.step(action)
             assert not done, action
-        return float(info["score"])
+        return float(info["score"]), len(half)
     finally:
         simulator.close()
 
@@ -116,16 +117,15 @@ def test_replays_short_of_full_score_are_dropped_and_reported(
     [u1], [u2] = manifest.select("u1"), manifest.select("u2")
     # seed 0 draws variations 0 (U1) and 3 (U2); variation 0's compressed path falls back
     assert (u1.variation, u2.variation) == (0, 3), "the seeded draw changed: pick new ones"
-    score = _bare_replay_score(task, u2.variation)
+    score, steps = _bare_replay_score(task, u2.variation)
     assert 0 <= score < 100
     assert d2 == [] and [t.key for t in d1] == [u1.key]
     stats = json.loads(Path("data/prepare_stats.json").read_text())
     assert stats == summary.as_dict() | {"seconds": stats["seconds"]}
     assert stats["kept"] == {"u1": 1}
-    assert stats["dropped"] == [f"{u2.key} (score {score:g})"]
-    assert f"gold replay did not reach score 100, dropped: {u2.key} (score {score:g})" in (
-        caplog.text
-    )
+    dropped = f"{u2.key} (score {score:g} after {steps} steps)"
+    assert stats["dropped"] == [dropped]
+    assert f"did not reach score 100 (within its step cap), dropped: {dropped}" in caplog.text
     [kept] = d1
     assert kept.success and kept.provenance.extra["compression"] == "fallback"
     assert int(kept.provenance.extra["raw_steps"]) == kept.num_steps
