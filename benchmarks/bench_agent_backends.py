@@ -17,14 +17,10 @@ Writes benchmarks/results/agent_backends.json.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 from stepflow.config import LLMConfig, Params, load_params
 from stepflow.evaluation import greedy
@@ -36,6 +32,11 @@ from stepflow.serving import start_server, stop_server
 from stepflow.splits import load_manifest
 from stepflow.study import seed_overrides
 from stepflow.trajectory import read_trajectories
+
+try:
+    from benchmarks.bench_matmul import machine, machine_load
+except ImportError:  # run as a script
+    from bench_matmul import machine, machine_load
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "agent_backends.json"
@@ -85,12 +86,8 @@ def main() -> None:
     results: dict = {
         "created_at": utc_now().isoformat(),
         "code_version": code_version(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "load_average_1_5_15": os.getloadavg(),
-        },
+        "machine": machine(),
+        "load_average_1_5_15": machine_load(),
         "params": str(args.params),
         "seed": args.seed,
         "agent": "init_sft",

@@ -43,11 +43,9 @@ from stepflow.agent.context import prompt_fitter
 from stepflow.agent.prompts import opening_turns
 from stepflow.config import LLMConfig, Params, load_params
 from stepflow.envs import make_env
-from stepflow.evaluation import greedy
 from stepflow.jsonl import atomic_write_json
 from stepflow.llm import make_backend
 from stepflow.llm.local import FirstTokenClock, LocalBackend
-from stepflow.llm.served_adapters import with_adapter
 from stepflow.provenance import code_version, utc_now
 from stepflow.rollout import episode_settings, rollout
 from stepflow.serving import start_server, stop_server
@@ -56,34 +54,16 @@ from stepflow.study import seed_overrides
 from stepflow.trajectory import read_trajectories
 
 try:
+    from benchmarks.bench_agent_backends import student_for
     from benchmarks.bench_matmul import machine, machine_load
 except ImportError:  # run as a script
+    from bench_agent_backends import student_for
     from bench_matmul import machine, machine_load
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "profile.json"
 LIMIT_TOKENS = 64
 _METRIC = re.compile(r"^(vllm:request_(?:prefill|decode)_time_seconds)_sum(?:\{[^}]*\})? (\S+)$")
-
-
-def student_for(backend: str, params: Params, adapter: Path, base_url: str | None) -> tuple:
-    """The student config (and local adapter) of `local` (fp32) or `vllm` (the server)."""
-    student = greedy(params.student)
-    if backend == "local":
-        return student.model_copy(update={"dtype": "float32"}), adapter
-    served = LLMConfig.model_validate(
-        {
-            **student.model_dump(),
-            "backend": "openai",
-            "endpoint": {
-                "base_url": base_url,
-                "model": params.serving.served_model_name,
-                "api_key_env": None,
-                "concurrency": 64,
-            },
-        }
-    )
-    return with_adapter(served, "init_sft", adapter)
 
 
 def vllm_times(base_url: str) -> dict[str, float]:
