@@ -31,10 +31,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -54,6 +52,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from stepflow import tracking
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json, atomic_write_text
 from stepflow.masking import IGNORE_INDEX, MaskStats, build_examples
@@ -230,24 +229,6 @@ class MeteredTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def log_to_active_run(metrics: dict[str, Any], step: int, prefix: str) -> None:
-    """Log the numeric values of `metrics` to the caller's active MLflow run, if any.
-
-    The caller owns run structure: nothing is logged when no run is active. mlflow is not
-    imported here: no run can be active in a process that never imported it.
-    """
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is None or mlflow.active_run() is None:
-        return
-    numeric = {
-        f"{prefix}{key}": float(value)
-        for key, value in metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    }
-    if numeric:
-        mlflow.log_metrics(numeric, step=step)
-
-
 class MlflowMetrics(TrainerCallback):
     """Send the trainer's logs to the caller's active MLflow run, if any."""
 
@@ -255,7 +236,7 @@ class MlflowMetrics(TrainerCallback):
         self.prefix = prefix
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        log_to_active_run(logs or {}, state.global_step, self.prefix)
+        tracking.log_to_active_run(logs or {}, state.global_step, self.prefix)
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:
@@ -516,7 +497,7 @@ def train_variant(
         raise ValueError(f"variant {variant!r}: no trainable example in {[str(p) for p in files]}")
     if main_process():
         atomic_write_json(work_dir / "token_stats.json", stats.as_dict())
-        log_to_active_run(stats.as_dict(), step=0, prefix="data/")
+        tracking.log_to_active_run(stats.as_dict(), step=0, prefix="data/")
 
     model = _prepare_model(params)
     method = training_method(cfg.method)  # as resolved on this machine, for the card
