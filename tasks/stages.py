@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from stepflow import tracking
 from stepflow.config import Params
+from stepflow.method import GOLDEN_D1, GOLDEN_D2, REFLECTED
 from tasks.caching import EvaluationCache
 from tasks.retry import transient
 from tasks.scaleout import shard_map
@@ -42,8 +43,8 @@ def prepare_task(params: Params) -> dict[str, Any]:
 
     summary = prepare(params).as_dict()
     data = Path(params.paths.data)
-    for name in ("golden_d1", "golden_d2"):
-        tracking.log_dataset(data / f"{name}.jsonl", name, context="golden")
+    for name in (GOLDEN_D1, GOLDEN_D2):
+        tracking.log_dataset(data / name, Path(name).stem, context="golden")
     tracking.log_metrics(
         {
             "golden_d1": summary["kept"].get("u1", 0),
@@ -73,7 +74,7 @@ def prepare_task(params: Params) -> dict[str, Any]:
     cache_policy=NO_CACHE,
 )
 def train_task(params: Params, variant: str) -> dict[str, Any]:
-    """Fine-tune one variant (init_sft, golden, step, step_nomask); log its adapter."""
+    """Fine-tune one variant (`stepflow.method.VARIANTS`); log its adapter."""
     from stepflow.launch import train
     from stepflow.training import variant_files
 
@@ -109,7 +110,8 @@ def synthesize_task(params: Params) -> dict[str, Any]:
     from stepflow.synthesize import synthesize
 
     summary = synthesize(params, shard_map=shard_map(params)).as_dict()
-    tracking.log_dataset(Path(params.paths.data) / "reflected.jsonl", "reflected", "synthesis")
+    reflected = Path(params.paths.data) / REFLECTED
+    tracking.log_dataset(reflected, reflected.stem, "synthesis")
     numeric = {k: v for k, v in summary.items() if isinstance(v, int | float)}
     for group in ("dropped_by", "own_fraction"):
         numeric.update({f"{group}_{k}": v for k, v in summary[group].items()})

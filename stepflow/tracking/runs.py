@@ -25,6 +25,7 @@ from typing import Any
 
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json
+from stepflow.method import STATE_DIR
 from stepflow.provenance import code_version
 from stepflow.tracking.experiment import PIPELINE_RUN_NAME, configure
 
@@ -39,7 +40,7 @@ DVC_STAGE_ENV = "DVC_STAGE"
 
 def pipeline_state(params: Params) -> Path:
     """Where the pipeline run writing to `params.paths` is remembered."""
-    return Path(".stepflow") / f"pipeline_run-{params.section_hash('paths')}.json"
+    return STATE_DIR / f"pipeline_run-{params.section_hash('paths')}.json"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
