@@ -1,21 +1,109 @@
-"""stepflow/method.py against the code: the params keys every digest and cache key reads,
-and the agent names config validation admits."""
+"""stepflow/method.py against dvc.yaml and the code: the stages DVC runs, their data deps,
+outputs and `params:`, and the params keys every digest and cache key reads."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import pytest
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from stepflow import method
 from stepflow.config import ConfigError, EnvConfig, Params, get_by_path, load_params, set_by_path
-from stepflow.method import AGENTS, VARIANTS, StageParams
+from stepflow.method import (
+    AGENTS,
+    BASE_AGENT,
+    DVC_STAGE_PARAMS,
+    TRAIN_VARIANTS,
+    VARIANTS,
+    StageParams,
+)
 
 REPO = Path(__file__).resolve().parent.parent
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _expanded() -> dict[str, dict[str, Any]]:
+    """dvc.yaml's stages as DVC names and expands them (`foreach` over a dict: `name@key`,
+    `${key}` and `${item.<field>}` substituted)."""
+    stages = {}
+    for name, stage in DVC.items():
+        if "foreach" not in stage:
+            stages[name] = stage
+            continue
+        for key, item in stage["foreach"].items():
+            text = yaml.safe_dump(stage["do"]).replace("${key}", key)
+            for field, value in item.items():
+                text = text.replace(f"${{item.{field}}}", str(value))
+            stages[f"{name}@{key}"] = yaml.safe_load(text)
+    return stages
+
+
+def _outs(stage: dict[str, Any]) -> list[str]:
+    return [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
+
+
+def test_dvc_stage_names_are_the_variants_stages() -> None:
+    """DVC's own stage list (its `foreach` naming) holds one stage per training variant, named
+    as `Variant.dvc_stage` says; a variant added in one place only fails here."""
+    dvc = Path(sys.executable).parent / "dvc"
+    listed = subprocess.run(
+        [str(dvc), "stage", "list", "--name-only"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
+    assert set(listed) == set(_expanded())
+    training = {name for name in listed if name == BASE_AGENT or name.startswith("train@")}
+    assert training == {v.dvc_stage for v in VARIANTS.values()}
+    assert set(DVC["train"]["foreach"]) == set(TRAIN_VARIANTS)
+    assert {"train@golden", "train@step", "train@step_nomask"} <= set(listed)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_a_training_stage_trains_its_variant(name: str) -> None:
+    """Its command, its data deps (exactly the variant's files), its output directory, and
+    the code it runs (stepflow/method.py holds the masking flag)."""
+    variant = VARIANTS[name]
+    stage = _expanded()[variant.dvc_stage]
+    assert stage["cmd"] == f"python -m flows train {name}"
+    data = {dep for dep in stage["deps"] if dep.startswith("data/")}
+    assert data == {f"data/{file}" for file in variant.files}
+    assert {"stepflow/method.py", "stepflow/training.py", "stepflow/masking.py"} <= set(
+        stage["deps"]
+    )
+    assert _outs(stage) == [str(variant.output_dir("models"))]
+
+
+def test_evaluation_and_report_read_every_agent() -> None:
+    """The evaluate stage depends on every trained agent's adapter and writes every agent's
+    metrics; the report reads the same adapters."""
+    stages = _expanded()
+    adapters = {str(VARIANTS[a.variant].output_dir("models")) for a in AGENTS.values() if a.variant}
+    assert adapters == {str(v.output_dir("models")) for v in VARIANTS.values()}
+    evaluate = stages["evaluate"]
+    assert {d for d in evaluate["deps"] if d.startswith("models/")} == adapters
+    assert {d for d in stages["report"]["deps"] if d.startswith("models/")} == adapters
+    metrics = {next(iter(m)) for m in evaluate["metrics"]}
+    assert metrics == {f"metrics/{name}.json" for name in AGENTS}
+
+
+def test_every_stage_declares_its_params_once() -> None:
+    """dvc.yaml's `params:` of each stage is what stepflow/method.py declares for it; every
+    stage depends on the declaration."""
+    assert set(DVC) == set(DVC_STAGE_PARAMS)
+    for name, stage in DVC.items():
+        body = stage.get("do", stage)
+        assert set(body["params"]) == DVC_STAGE_PARAMS[name].dvc_params(), name
+        assert "stepflow/method.py" in body["deps"], name
 
 
 def test_engine_sections_are_the_configs_engines() -> None:
