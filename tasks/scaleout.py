@@ -18,7 +18,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from stepflow.config import Params, ScaleoutConfig
 from stepflow.progress import progress_bar
-from stepflow.shards import ShardJob, ShardMap, ShardResult
+from stepflow.rollout.shards import ShardJob, ShardMap, ShardResult
 from tasks.retry import transient
 
 

@@ -10,11 +10,16 @@ from typer.testing import CliRunner
 
 from stepflow.cli import app
 from stepflow.config import load_params
-from stepflow.evaluation import current_evaluation, eval_paths, evaluate_agent, write_dvc_metrics
-from stepflow.metrics import agent_metrics, bootstrap_interval
-from stepflow.report import build_report
-from stepflow.splits import load_manifest
-from stepflow.trajectory import EpisodeStats, read_trajectories
+from stepflow.data.splits import load_manifest
+from stepflow.data.trajectory import EpisodeStats, read_trajectories
+from stepflow.evaluate.evaluation import (
+    current_evaluation,
+    eval_paths,
+    evaluate_agent,
+    write_dvc_metrics,
+)
+from stepflow.evaluate.metrics import agent_metrics, bootstrap_interval
+from stepflow.evaluate.report import build_report
 from tests.test_trajectory_io import make_trajectory
 
 

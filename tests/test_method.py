@@ -77,7 +77,7 @@ def test_a_training_stage_trains_its_variant(name: str) -> None:
     assert stage["cmd"] == f"python -m flows train {name}"
     data = {dep for dep in stage["deps"] if dep.startswith("data/")}
     assert data == {f"data/{file}" for file in variant.files}
-    assert {"stepflow/method.py", "stepflow/training.py", "stepflow/masking.py"} <= set(
+    assert {"stepflow/method.py", "stepflow/train/sft.py", "stepflow/train/masking.py"} <= set(
         stage["deps"]
     )
     assert _outs(stage) == [str(variant.output_dir("models"))]
@@ -212,12 +212,12 @@ def _evaluation_cache_key(params: Params) -> str:
 def _digests() -> dict[str, tuple[StageParams, Callable[[Params], str], tuple[str, ...]]]:
     """Each digest or cache key the stages use: (its declaration, the function, the declared
     keys it adds)."""
-    from stepflow.episode import RolloutSettings
-    from stepflow.evaluation import evaluation_digest
-    from stepflow.prepare import prepare_hash
-    from stepflow.splits import manifest_hash
-    from stepflow.synthesize import synthesis_digest
-    from stepflow.training import run_key
+    from stepflow.data.prepare import prepare_hash
+    from stepflow.data.splits import manifest_hash
+    from stepflow.evaluate.evaluation import evaluation_digest
+    from stepflow.rollout.episode import RolloutSettings
+    from stepflow.teacher.synthesis import synthesis_digest
+    from stepflow.train.sft import run_key
 
     return {
         "manifest": (method.MANIFEST_PARAMS, manifest_hash, ()),

@@ -232,7 +232,8 @@ def test_mlflow_ui_compares_the_agents(first_repro, tmp_path) -> None:
 
     from mlflow import MlflowClient
 
-    from stepflow import mlflow_ui, tracking
+    from stepflow import tracking
+    from stepflow.tracking import ui as mlflow_ui
 
     _, store = first_repro
     # an experiment with no runs in the same store: the page check must fail on it

@@ -14,28 +14,28 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import ConfigError, load_params
+from stepflow.data.splits import build_manifest
+from stepflow.data.trajectory import Trajectory
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.episode import RolloutSettings, run_episode
-from stepflow.llm.base import Completion
-from stepflow.metrics import agent_metrics
-from stepflow.protocols import (
+from stepflow.evaluate.metrics import agent_metrics
+from stepflow.evaluate.protocols import (
     eto_scienceworld,
     eto_step_cap,
     eto_variations,
     evaluation_step_limit,
     protocol_reward,
 )
-from stepflow.report import markdown_table
-from stepflow.rollout import episode_settings
-from stepflow.splits import build_manifest
-from stepflow.trajectory import Trajectory
+from stepflow.evaluate.report import markdown_table
+from stepflow.llm.base import Completion
+from stepflow.rollout.engine import episode_settings
+from stepflow.rollout.episode import RolloutSettings, run_episode
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("STEPFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 ETO = SHARED / "eto" / "sciworld"
-PACKAGED = REPO / "stepflow" / "protocols" / "eto" / "sciworld"
+PACKAGED = REPO / "stepflow" / "evaluate" / "protocols" / "eto" / "sciworld"
 needs_shared = pytest.mark.skipif(
     not ETO.is_dir(), reason=f"ETO's published lists not found in {ETO} (STEPFLOW_SHARED_DATA)"
 )

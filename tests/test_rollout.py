@@ -17,13 +17,13 @@ import pytest
 from stepflow.agent.parser import parse_step
 from stepflow.agent.prompts import format_step
 from stepflow.config import GenerationConfig
+from stepflow.data.selection import OfficialSplitLabels, parse_variations, select_instances
+from stepflow.data.trajectory import Trajectory, read_trajectories
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.episode import RolloutSettings
 from stepflow.llm.local import LocalBackend
-from stepflow.rollout import rollout
-from stepflow.selection import OfficialSplitLabels, parse_variations, select_instances
-from stepflow.trajectory import Trajectory, read_trajectories
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import RolloutSettings
 
 TASK = "find-non-living-thing"
 SHORT = [

@@ -15,14 +15,14 @@ import pytest
 
 from stepflow.agent.parser import parse_step
 from stepflow.agent.prompts import format_reflection, format_step
+from stepflow.data.trajectory import Trajectory, read_trajectories
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.episode import RolloutSettings, run_episode
 from stepflow.llm.base import ChatBackend, Completion
-from stepflow.review import Reviewer, StepContext, StepReview
-from stepflow.rollout import rollout
-from stepflow.trajectory import Trajectory, read_trajectories
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import RolloutSettings, run_episode
+from stepflow.rollout.review import Reviewer, StepContext, StepReview
 
 ENV = "scienceworld"
 FIND = TaskInstance(ENV, "find-non-living-thing", 1, "train")
@@ -494,7 +494,7 @@ def test_the_agent_is_prompted_with_exactly_what_training_feeds(env, gold, embed
     prompt token ids at inference equal the training row's ids up to that turn."""
     from stepflow.config import GenerationConfig
     from stepflow.llm.local import LocalBackend
-    from stepflow.masking import tokenize_trajectory
+    from stepflow.train.masking import tokenize_trajectory
 
     model = LocalBackend("embedded", generation=GenerationConfig(max_new_tokens=16))
     reflection = (

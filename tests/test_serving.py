@@ -15,13 +15,13 @@ import httpx
 import pytest
 
 from stepflow.config import ConfigError, EndpointConfig, LLMConfig, ServingConfig, load_params
-from stepflow.evaluation import evaluate_agent
+from stepflow.data.splits import load_manifest
+from stepflow.data.trajectory import read_trajectories
+from stepflow.evaluate.evaluation import evaluate_agent
 from stepflow.llm.served_adapters import served_name, with_adapter
-from stepflow.rollout import run_rollout
-from stepflow.serving import engine_requirement, group_members, server_command, state_path
-from stepflow.splits import load_manifest
-from stepflow.synthesize import synthesize
-from stepflow.trajectory import read_trajectories
+from stepflow.llm.serving import engine_requirement, group_members, server_command, state_path
+from stepflow.rollout.engine import run_rollout
+from stepflow.teacher.synthesis import synthesize
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,20 +12,20 @@ import pytest
 
 from stepflow.agent.prompts import format_step
 from stepflow.config import load_params
+from stepflow.data.prepare import example_for, load_examples, load_prepared
+from stepflow.data.trajectory import Trajectory, read_trajectories
 from stepflow.envs import make_env
 from stepflow.envs.base import TaskInstance
-from stepflow.episode import RolloutSettings
 from stepflow.llm import make_backend
 from stepflow.llm.base import Completion
-from stepflow.prepare import example_for, load_examples, load_prepared
-from stepflow.rollout import rollout
-from stepflow.synthesize import synthesize
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import RolloutSettings
 from stepflow.teacher import templates
 from stepflow.teacher.base import StepFacts
 from stepflow.teacher.llm import LLMTeacher, MalformedAnswer, parse_answer
 from stepflow.teacher.reference import Alignment, ReferenceTeacher, gold_steps
 from stepflow.teacher.reviewer import TeacherReviewer, should_rewind
-from stepflow.trajectory import Trajectory, read_trajectories
+from stepflow.teacher.synthesis import synthesize
 from tests.test_trajectory_io import make_trajectory
 
 # -- strict parsing of the LLM teacher's answer -------------------------------------------
@@ -412,7 +412,7 @@ def _synthesized(accepted: int, steps: int, **update) -> Trajectory:
 
 
 def test_keep_rule_counts_every_reason() -> None:
-    from stepflow.synthesize import drop_reason, kept, own_fraction_summary
+    from stepflow.teacher.synthesis import drop_reason, kept, own_fraction_summary
 
     good = _synthesized(3, 4)
     few = _synthesized(1, 4)

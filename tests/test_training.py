@@ -11,16 +11,17 @@ import torch
 from transformers import TrainerCallback
 
 from stepflow.config import load_params
-from stepflow.masking import build_examples
+from stepflow.data.trajectory import write_trajectories
 from stepflow.method import VARIANTS
-from stepflow.modeling import (
+from stepflow.train.masking import build_examples
+from stepflow.train.modeling import (
     cpu_has_native_bf16,
     device,
     load_model,
     load_tokenizer,
     training_method,
 )
-from stepflow.training import (
+from stepflow.train.sft import (
     _training_args,
     batch_collator,
     last_checkpoint,
@@ -29,7 +30,6 @@ from stepflow.training import (
     training_prompt_budget,
     variant_files,
 )
-from stepflow.trajectory import write_trajectories
 from tests.sample_trajectories import (
     golden_find_non_living,
     golden_lifespan,
@@ -409,7 +409,7 @@ def test_lora_and_full_methods_train_and_save(
 def test_only_stale_runs_for_the_same_output_are_pruned(tmp_path: Path) -> None:
     """Another seed of a study trains the same variant for other outputs at the same time:
     its checkpoints are not an earlier run of this one."""
-    from stepflow.training import TARGET_FILE, _prune_stale_runs
+    from stepflow.train.sft import TARGET_FILE, _prune_stale_runs
 
     def run(key: str, target: str | None) -> Path:
         path = tmp_path / f"train-golden-{key}"

@@ -33,7 +33,7 @@ from typing import Literal
 
 from stepflow.config import ALFWORLD_TASK_TYPES, AlfworldConfig
 from stepflow.envs.base import StepResult, TaskInstance, TextEnv
-from stepflow.protocols import eto_alfworld_games
+from stepflow.evaluate.protocols import eto_alfworld_games
 
 ENV_NAME = "alfworld"
 Folder = Literal["train", "valid_train", "valid_seen", "valid_unseen"]

@@ -117,8 +117,8 @@ def load_demonstrations(path: Path) -> dict[int, tuple[str, ...]]:
     import json
 
     from stepflow.agent.parser import parse_step
-    from stepflow.convert import from_conversation
-    from stepflow.jsonl import DataError
+    from stepflow.data.convert import from_conversation
+    from stepflow.data.jsonl import DataError
 
     if not path.is_file():
         raise FileNotFoundError(f"env.webshop.demonstrations: {path} does not exist")

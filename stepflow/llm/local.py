@@ -115,7 +115,7 @@ class LocalBackend:
         lm: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        from stepflow.modeling import load_model, load_tokenizer
+        from stepflow.train.modeling import load_model, load_tokenizer
 
         self.name = model if adapter is None else f"{model}+{Path(adapter).name}"
         self.generation = generation or GenerationConfig()

@@ -33,11 +33,11 @@ from stepflow.agent.context import (
 )
 from stepflow.agent.parser import clean_action
 from stepflow.agent.prompts import OBSERVATION_PREFIX
+from stepflow.data.trajectory import Trajectory, Turn
 from stepflow.llm.base import ChatBackend, Message
 from stepflow.teacher import templates
 from stepflow.teacher.base import Judgment, StepFacts, TeacherStats, clean_reflection, strip_label
 from stepflow.teacher.reference import ReferenceTeacher
-from stepflow.trajectory import Trajectory, Turn
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from stepflow.review import StepContext, StepReview
+from stepflow.data.trajectory import Trajectory
+from stepflow.rollout.review import StepContext, StepReview
 from stepflow.teacher.base import StepFacts, Teacher
-from stepflow.trajectory import Trajectory
 
 RewindPolicy = Literal["auto", "never"]
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal
 
 from stepflow.agent.context import Fitted, TemplateCounter, fit_turns
 from stepflow.agent.prompts import to_messages
-from stepflow.trajectory import Trajectory, Turn
+from stepflow.data.trajectory import Trajectory, Turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

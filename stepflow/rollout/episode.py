@@ -8,7 +8,7 @@ invalid-output observation } until the environment is done or the student has wr
 `step_limit` turns.
 
 With a reviewer (synthesis) every student step that did not solve the task is judged; a
-wrong one is followed by the teacher's correction (see `stepflow.review`). Corrections come
+wrong one is followed by the teacher's correction (see `stepflow.rollout.review`). Corrections come
 on top of the student's step limit, up to `max_corrections`. An episode with a wrong step
 that cannot be corrected — no budget left, no correction offered, a lost task that may not
 be rewound — or whose correction was invalid or lowered the score stops there with a
@@ -32,13 +32,13 @@ from stepflow.agent.prompts import (
     format_turn,
     opening_turns,
 )
+from stepflow.data.trajectory import EpisodeStats, Provenance, StopReason, Trajectory, Turn
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import StepResult, TaskInstance
 from stepflow.llm.base import BackendError, ChatBackend
 from stepflow.method import EPISODE_PARAMS, SYNTHESIS_PARAMS
 from stepflow.provenance import worker_identity
-from stepflow.review import Reviewer, StepContext, StepReview
-from stepflow.trajectory import EpisodeStats, Provenance, StopReason, Trajectory, Turn
+from stepflow.rollout.review import Reviewer, StepContext, StepReview
 
 if TYPE_CHECKING:
     from stepflow.config import Params

@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stepflow.data.trajectory import Trajectory, TrajectoryLog
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import EnvCrashed, TaskInstance, TextEnv
-from stepflow.episode import RolloutSettings, Source, run_episode
+from stepflow.evaluate.protocols import evaluation_step_limit
 from stepflow.llm.base import ChatBackend
 from stepflow.progress import progress_bar
-from stepflow.protocols import evaluation_step_limit
-from stepflow.review import Reviewer
-from stepflow.trajectory import Trajectory, TrajectoryLog
+from stepflow.rollout.episode import RolloutSettings, Source, run_episode
+from stepflow.rollout.review import Reviewer
 
 if TYPE_CHECKING:
     from stepflow.config import LLMConfig, Params

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import get_args
 
 from stepflow.envs.base import TaskInstance, TextEnv
-from stepflow.trajectory import Split
+from stepflow.data.trajectory import Split
 
 SPLITS: tuple[str, ...] = get_args(Split)
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
-from stepflow.masking import TokenizedTrajectory
+from stepflow.train.masking import TokenizedTrajectory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

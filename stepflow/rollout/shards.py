@@ -22,12 +22,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from stepflow.config import LLMConfig, Params
+from stepflow.data.prepare import example_for, load_examples
+from stepflow.data.trajectory import Trajectory, TrajectoryLog, read_trajectories
 from stepflow.envs.base import TaskInstance
-from stepflow.episode import Source
-from stepflow.prepare import example_for, load_examples
-from stepflow.rollout import RolloutSummary, run_rollout, summarize
+from stepflow.rollout.engine import RolloutSummary, run_rollout, summarize
+from stepflow.rollout.episode import Source
 from stepflow.teacher.base import TeacherStats
-from stepflow.trajectory import Trajectory, TrajectoryLog, read_trajectories
 
 SHARD_DIR = "shards"
 
@@ -63,7 +63,7 @@ class RolloutSpec:
         concurrency: int | None = None,
     ) -> ShardResult:
         """Run the episodes of `instances` not yet in `output` (resumable)."""
-        from stepflow.prepare import load_prepared
+        from stepflow.data.prepare import load_prepared
         from stepflow.teacher import make_teacher
         from stepflow.teacher.reviewer import TeacherReviewer
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from stepflow.embedded import resolve_model
+from stepflow.llm.embedded import resolve_model
 from stepflow.method import ADAPTER_CONFIG, MODEL_CARD
 
 if TYPE_CHECKING:

@@ -21,7 +21,9 @@ from pathlib import Path
 from statistics import mean, quantiles
 
 from stepflow.config import Params
-from stepflow.jsonl import atomic_write_json
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.prepare import load_prepared
+from stepflow.data.trajectory import Trajectory, read_trajectories, write_trajectories
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
 from stepflow.method import (
@@ -34,11 +36,9 @@ from stepflow.method import (
     WORK_ROOT,
     variant,
 )
-from stepflow.prepare import load_prepared
 from stepflow.provenance import adapter_digest
-from stepflow.shards import RolloutSpec, ShardMap, run_stage
+from stepflow.rollout.shards import RolloutSpec, ShardMap, run_stage
 from stepflow.teacher import TeacherStats
-from stepflow.trajectory import Trajectory, read_trajectories, write_trajectories
 
 
 @dataclass
@@ -140,9 +140,9 @@ def reflection_token_share(trajectories: list[Trajectory], params: Params) -> fl
     """Share of the trained tokens (partial masking) that lie in reflection turns."""
     if not trajectories:
         return None
-    from stepflow.embedded import resolve_model
-    from stepflow.masking import build_examples
-    from stepflow.modeling import load_tokenizer
+    from stepflow.llm.embedded import resolve_model
+    from stepflow.train.masking import build_examples
+    from stepflow.train.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model(params.student.model))
     _, stats = build_examples(
@@ -193,7 +193,7 @@ def synthesize(
     shard_map: ShardMap | None = None,
 ) -> SynthesisSummary:
     """Run the synthesis stage; see the module docstring. With a `shard_map`, the episodes
-    run in `scaleout.shards` shards (stepflow.shards) and merge into the same work log."""
+    run in `scaleout.shards` shards (stepflow.rollout.shards) and merge into the same work log."""
     started = time.perf_counter()
     data_dir = Path(params.paths.data)
     manifest, _d1, d2 = load_prepared(data_dir)

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from stepflow import method
 from stepflow.config import LLMConfig, Params
-from stepflow.jsonl import atomic_write_json
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.splits import load_manifest
+from stepflow.data.trajectory import read_trajectories, write_trajectories
+from stepflow.evaluate.metrics import AgentMetrics, agent_metrics
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
 from stepflow.method import EVAL_DIR, EVALUATION_PARAMS, MANIFEST, WORK_ROOT
-from stepflow.metrics import AgentMetrics, agent_metrics
 from stepflow.provenance import adapter_digest
-from stepflow.shards import RolloutSpec, ShardMap, run_stage
-from stepflow.splits import load_manifest
-from stepflow.trajectory import read_trajectories, write_trajectories
+from stepflow.rollout.shards import RolloutSpec, ShardMap, run_stage
 
 
 def agent_adapter(params: Params, agent: str) -> Path | None:
@@ -98,7 +98,7 @@ def evaluate_agent(
     shard_map: ShardMap | None = None,
 ) -> AgentMetrics:
     """Evaluate one agent on one split; write its trajectories and metrics. With a
-    `shard_map`, the episodes run in `scaleout.shards` shards (stepflow.shards)."""
+    `shard_map`, the episodes run in `scaleout.shards` shards (stepflow.rollout.shards)."""
     data_dir = Path(params.paths.data)
     manifest = load_manifest(data_dir / MANIFEST)
     instances = sorted(manifest.select(split))

@@ -1,7 +1,7 @@
 """Data-parallel training: `train_variant` in `training.distributed.nproc` processes.
 
 The launcher (`torchrun` or `accelerate launch`) starts one process per GPU (on a CPU: per
-core, on the gloo backend); each runs `python -m stepflow.launch`, which trains with the
+core, on the gloo backend); each runs `python -m stepflow.train.launch`, which trains with the
 params written by the parent. transformers' `Trainer` wraps the model in DDP, gives every
 rank its own share of each global batch (batch_size x gradient_accumulation_steps x nproc)
 and averages gradients. Only rank 0 writes the adapter, checkpoints and the result file the
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stepflow.config import Params
 from stepflow.locking import holds_outputs
-from stepflow.masking import MaskStats
+from stepflow.train.masking import MaskStats
 
 RESULT_FILE = "launch_result.json"
 
@@ -28,7 +28,7 @@ RESULT_FILE = "launch_result.json"
 def launch_command(params: Params, job_dir: Path) -> list[str]:
     """The command that runs the job of `job_dir` in `training.distributed.nproc` processes."""
     dist = params.training.distributed
-    target = ["-m", "stepflow.launch", str(job_dir)]
+    target = ["-m", "stepflow.train.launch", str(job_dir)]
     if dist.launcher == "accelerate":
         accelerate = shutil.which("accelerate") or "accelerate"
         command = [accelerate, "launch", "--num_processes", str(dist.nproc)]
@@ -46,7 +46,7 @@ def launch_command(params: Params, job_dir: Path) -> list[str]:
 
 
 def _cuda() -> bool:
-    from stepflow.modeling import device
+    from stepflow.train.modeling import device
 
     return device() == "cuda"
 
@@ -61,7 +61,7 @@ def train_launched(
 ):
     """Run `train_variant` under the configured launcher; return rank 0's `TrainResult`."""
     from stepflow.method import WORK_ROOT
-    from stepflow.training import TrainResult
+    from stepflow.train.sft import TrainResult
 
     root = Path(work_root or WORK_ROOT).resolve()
     job_dir = root / f"launch-{variant}-{os.getpid()}"
@@ -99,7 +99,7 @@ def train_launched(
 def train(params: Params, variant: str, **kwargs):
     """Train a variant in process, or launched in several when `distributed.nproc` > 1
     (holding the run's outputs, see `stepflow.locking`)."""
-    from stepflow.training import train_variant, world_size
+    from stepflow.train.sft import train_variant, world_size
 
     if params.training.distributed.nproc > 1 and world_size() == 1:
         return train_launched(params, variant, **kwargs)
@@ -107,7 +107,7 @@ def train(params: Params, variant: str, **kwargs):
 
 
 def _main(job_dir: Path) -> None:
-    from stepflow.training import main_process, train_variant
+    from stepflow.train.sft import main_process, train_variant
 
     job = json.loads((job_dir / "job.json").read_text())
     params = Params.model_validate(job["params"])

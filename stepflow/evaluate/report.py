@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stepflow.config import Params
-from stepflow.evaluation import load_agent_metrics
-from stepflow.jsonl import atomic_write_bytes, atomic_write_text
+from stepflow.data.jsonl import atomic_write_bytes, atomic_write_text
+from stepflow.evaluate.evaluation import load_agent_metrics
+from stepflow.evaluate.metrics import AgentMetrics, Interval
+from stepflow.evaluate.protocols import DESCRIPTIONS as PROTOCOL_DESCRIPTIONS
 from stepflow.locking import holds_outputs
 from stepflow.method import AGENTS, MODEL_CARD, PER_TASK, RESULTS, SYNTHESIS_STATS, VARIANTS
-from stepflow.metrics import AgentMetrics, Interval
-from stepflow.protocols import DESCRIPTIONS as PROTOCOL_DESCRIPTIONS
 
 AGENT_LABELS = {name: agent.label for name, agent in AGENTS.items()}
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from stepflow.agent.parser import parse_step
-from stepflow.jsonl import DataError, write_records
-from stepflow.trajectory import Provenance, Trajectory, Turn
+from stepflow.data.jsonl import DataError, write_records
+from stepflow.data.trajectory import Provenance, Trajectory, Turn
 
 _FROM_ROLE = {
     "system": "system",

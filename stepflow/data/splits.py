@@ -20,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stepflow.config import Params
 from stepflow.envs.base import TaskInstance
-from stepflow.jsonl import DataError, atomic_write_text
+from stepflow.data.jsonl import DataError, atomic_write_text
 from stepflow.method import MANIFEST_PARAMS
-from stepflow.protocols import eto_variations
-from stepflow.trajectory import Split
+from stepflow.evaluate.protocols import eto_variations
+from stepflow.data.trajectory import Split
 
 MANIFEST_VERSION = 1
 

@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 
 from stepflow.agent.prompts import format_observation, format_step, opening_turns
 from stepflow.envs.base import TaskInstance, TextEnv
-from stepflow.trajectory import Provenance, Trajectory, Turn
+from stepflow.data.trajectory import Provenance, Trajectory, Turn
 
 # off: not tried; compressed: the shorter path replaced the original; unchanged: nothing to
 # shorten; fallback: the shorter path did not reach full score, the original is kept

@@ -1,7 +1,7 @@
 """Fine-tuning of the student: QLoRA (or LoRA, or full) SFT on partially masked trajectories.
 
 One function, `train_variant`, serves every training stage. It tokenizes the variant's data
-files (`stepflow.masking`), trains with transformers' `Trainer` on the pre-tokenized labels,
+files (`stepflow.train.masking`), trains with transformers' `Trainer` on the pre-tokenized labels,
 checkpoints into a work directory keyed by data and params (so a rerun after a crash resumes
 from the last checkpoint, even when DVC has deleted the stage's outputs) and writes the adapter
 atomically to `models/<variant>/` with a model card and a machine-readable `stepflow.json`.
@@ -54,13 +54,19 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from stepflow import tracking
 from stepflow.config import Params, get_by_path, set_by_path
-from stepflow.jsonl import atomic_write_json, atomic_write_text
-from stepflow.masking import IGNORE_INDEX, MaskStats, build_examples
+from stepflow.data.jsonl import atomic_write_json, atomic_write_text
+from stepflow.data.trajectory import load_trajectories
 from stepflow.method import MODEL_CARD, TRAINING_PARAMS, VARIANTS, WORK_ROOT
 from stepflow.method import variant as variant_spec
-from stepflow.modeling import compute_dtype, device, load_model, load_tokenizer, training_method
 from stepflow.provenance import code_version, file_sha256, utc_now
-from stepflow.trajectory import load_trajectories
+from stepflow.train.masking import IGNORE_INDEX, MaskStats, build_examples
+from stepflow.train.modeling import (
+    compute_dtype,
+    device,
+    load_model,
+    load_tokenizer,
+    training_method,
+)
 
 
 @dataclass

@@ -23,8 +23,8 @@ from stepflow.agent.prompts import render_example
 from stepflow.config import EnvConfig, Params
 from stepflow.envs import make_env
 from stepflow.envs.base import TaskInstance
-from stepflow.golden import GoldReplay, ThoughtWriter, golden_thoughts, render_golden, replay_gold
-from stepflow.jsonl import atomic_write_json, read_records
+from stepflow.data.golden import GoldReplay, ThoughtWriter, golden_thoughts, render_golden, replay_gold
+from stepflow.data.jsonl import atomic_write_json, read_records
 from stepflow.locking import holds_outputs
 from stepflow.method import (
     EXAMPLES,
@@ -36,8 +36,8 @@ from stepflow.method import (
     WORK_ROOT,
 )
 from stepflow.progress import progress_bar
-from stepflow.splits import Manifest, build_manifest, load_manifest, write_manifest
-from stepflow.trajectory import Provenance, Trajectory, TrajectoryLog, write_trajectories
+from stepflow.data.splits import Manifest, build_manifest, load_manifest, write_manifest
+from stepflow.data.trajectory import Provenance, Trajectory, TrajectoryLog, write_trajectories
 
 log = logging.getLogger(__name__)
 

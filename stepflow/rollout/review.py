@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from stepflow.data.trajectory import EpisodeStats, Turn
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import StepResult, TaskInstance
-from stepflow.trajectory import EpisodeStats, Turn
 
 
 @dataclass

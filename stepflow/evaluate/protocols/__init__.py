@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from stepflow.config import Params
-    from stepflow.trajectory import Trajectory
+    from stepflow.data.trajectory import Trajectory
 
 Protocol = Literal["stepflow", "eto"]
 PROTOCOLS: tuple[Protocol, ...] = ("stepflow", "eto")

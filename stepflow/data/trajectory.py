@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stepflow.jsonl import JsonlAppender, read_records, write_records
+from stepflow.data.jsonl import JsonlAppender, read_records, write_records
 from stepflow.provenance import code_version, utc_now
 
 SCHEMA_VERSION = 1

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from stepflow.protocols import protocol_reward
-from stepflow.trajectory import Trajectory
+from stepflow.data.trajectory import Trajectory
+from stepflow.evaluate.protocols import protocol_reward
 
 
 class Interval(BaseModel):
@@ -49,7 +49,7 @@ class AgentMetrics(BaseModel):
     instances: list[str]
     confidence: float
     bootstrap_samples: int
-    protocol: str = "stepflow"  # how rewards and step limits were set (stepflow.protocols)
+    protocol: str = "stepflow"  # how rewards and step limits were set (stepflow.evaluate.protocols)
 
     def flat(self) -> dict[str, float]:
         """`name: value` pairs for MLflow (`reward`, `success`, `reward/<task>`, ...)."""
