@@ -76,7 +76,7 @@ def prepare_task(params: Params) -> dict[str, Any]:
 def train_task(params: Params, variant: str) -> dict[str, Any]:
     """Fine-tune one variant (`stepflow.method.VARIANTS`); log its adapter."""
     from stepflow.train.launch import train
-    from stepflow.train.sft import variant_files
+    from stepflow.train.runs import variant_files
 
     for path in variant_files(params, variant):
         tracking.log_dataset(path, path.stem, context="training")

@@ -27,7 +27,7 @@ from stepflow.evaluate.report import markdown_table
 from stepflow.locking import outputs_lock
 from stepflow.rollout.engine import EpisodeErrors
 from stepflow.teacher.synthesis import synthesize
-from stepflow.train.sft import last_checkpoint
+from stepflow.train.runs import last_checkpoint
 from tests.servers import KEY, KEY_ENV, clear_faults, free_port, inject, openai_server
 
 CLI = [sys.executable, "-m", "stepflow.cli"]

@@ -14,6 +14,7 @@ from stepflow.config import load_params
 from stepflow.data.trajectory import write_trajectories
 from stepflow.method import VARIANTS
 from stepflow.train.masking import build_examples
+from stepflow.train.metering import trained_logits_only
 from stepflow.train.modeling import (
     cpu_has_native_bf16,
     device,
@@ -21,14 +22,12 @@ from stepflow.train.modeling import (
     load_tokenizer,
     training_method,
 )
+from stepflow.train.runs import last_checkpoint, variant_files
 from stepflow.train.sft import (
     _training_args,
     batch_collator,
-    last_checkpoint,
     train_variant,
-    trained_logits_only,
     training_prompt_budget,
-    variant_files,
 )
 from tests.sample_trajectories import (
     golden_find_non_living,
@@ -409,7 +408,7 @@ def test_lora_and_full_methods_train_and_save(
 def test_only_stale_runs_for_the_same_output_are_pruned(tmp_path: Path) -> None:
     """Another seed of a study trains the same variant for other outputs at the same time:
     its checkpoints are not an earlier run of this one."""
-    from stepflow.train.sft import TARGET_FILE, _prune_stale_runs
+    from stepflow.train.runs import TARGET_FILE, prune_stale_runs
 
     def run(key: str, target: str | None) -> Path:
         path = tmp_path / f"train-golden-{key}"
@@ -424,7 +423,7 @@ def test_only_stale_runs_for_the_same_output_are_pruned(tmp_path: Path) -> None:
     unmarked = run("dddd", None)
     other_variant = tmp_path / "train-golden-step-eeee"  # not a run of `golden`
     other_variant.mkdir()
-    _prune_stale_runs(current)
+    prune_stale_runs(current)
     assert not earlier.exists()
     assert current.exists() and other_seed.exists() and unmarked.exists()
     assert other_variant.exists()

@@ -47,7 +47,7 @@ def prepared(params: Params) -> bool:
 def trained(params: Params, variant: str) -> bool:
     """Whether `<paths.models>/<variant>` was trained on the current data with these settings."""
     from stepflow.provenance import file_sha256
-    from stepflow.train.sft import run_key, variant_files
+    from stepflow.train.runs import run_key, variant_files
 
     card = method.variant(variant).output_dir(params.paths.models) / MODEL_CARD
     if not card.is_file():

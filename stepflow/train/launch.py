@@ -99,7 +99,8 @@ def train_launched(
 def train(params: Params, variant: str, **kwargs):
     """Train a variant in process, or launched in several when `distributed.nproc` > 1
     (holding the run's outputs, see `stepflow.locking`)."""
-    from stepflow.train.sft import train_variant, world_size
+    from stepflow.train.distributed import world_size
+    from stepflow.train.sft import train_variant
 
     if params.training.distributed.nproc > 1 and world_size() == 1:
         return train_launched(params, variant, **kwargs)
@@ -107,7 +108,8 @@ def train(params: Params, variant: str, **kwargs):
 
 
 def _main(job_dir: Path) -> None:
-    from stepflow.train.sft import main_process, train_variant
+    from stepflow.train.distributed import main_process
+    from stepflow.train.sft import train_variant
 
     job = json.loads((job_dir / "job.json").read_text())
     params = Params.model_validate(job["params"])

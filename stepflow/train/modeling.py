@@ -1,8 +1,11 @@
-"""Loading tokenizers and causal LMs: full precision, LoRA, or 4-bit QLoRA; optional adapter."""
+"""Loading tokenizers and causal LMs: full precision, LoRA, or 4-bit QLoRA; optional adapter;
+the device, dtypes and torch threads they run with, and the student prepared for training."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -12,6 +15,8 @@ from stepflow.method import ADAPTER_CONFIG, MODEL_CARD
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from stepflow.config import Params
 
 Method = Literal["qlora", "lora", "full"]
 
@@ -163,3 +168,52 @@ def attach_adapter(lm: PreTrainedModel, adapter: str | Path, expected_base: str 
             f"{adapter}: adapter does not fit base model {expected_base!r} "
             f"(adapter records {recorded!r}): {exc}"
         ) from exc
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run torch on `threads` threads inside the block (None: leave them as they are).
+
+    On a CPU shared with other processes, one thread is the fast setting: two OpenMP threads
+    wait for each other at every op whenever another process holds a core.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def prepare_for_training(params: Params):
+    """The student of params.yaml ready to train (`training.method`): QLoRA's 4-bit base
+    prepared for k-bit training and LoRA on top, LoRA on the full-precision base, or the
+    whole model; seeded with `params.seed`, without a KV cache."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    cfg = params.training
+    set_seed(params.seed)
+    method = training_method(cfg.method)
+    weights = "qlora" if method == "qlora" else "full"
+    model = load_model(params.student.model, method=weights, dtype=params.student.dtype)
+    model.config.use_cache = False
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if method == "full":
+        return model
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
