@@ -30,7 +30,7 @@ from stepflow.evaluate.evaluation import greedy
 from stepflow.llm.served_adapters import with_adapter
 from stepflow.llm.serving import start_server, stop_server
 from stepflow.provenance import code_version, utc_now
-from stepflow.rollout.engine import run_rollout
+from stepflow.rollout.job import RolloutJob
 from stepflow.study.seeds import seed_overrides
 
 try:
@@ -108,16 +108,16 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 output = Path(tmp) / "episodes.jsonl"
                 started = time.perf_counter()
-                summary = run_rollout(
+                summary = RolloutJob(
                     params,
                     instances,
                     output,
-                    adapter=local_adapter,
                     student=student,
+                    adapter=local_adapter,
                     source="evaluation",
                     concurrency=concurrency,
                     progress=False,
-                )
+                ).run()
                 wall = time.perf_counter() - started
                 trajectories = list(read_trajectories(output))
         finally:

@@ -50,7 +50,8 @@ from stepflow.llm import make_backend
 from stepflow.llm.local import FirstTokenClock, LocalBackend
 from stepflow.llm.serving import start_server, stop_server
 from stepflow.provenance import code_version, utc_now
-from stepflow.rollout.engine import episode_settings, rollout
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import EpisodeSettings
 from stepflow.study.seeds import seed_overrides
 
 try:
@@ -131,7 +132,7 @@ def profile_run(
     params: Params, instances: list, llm: LLMConfig, adapter: Path | None, concurrency: int
 ) -> dict:
     """One rollout of `instances`; its time per step by part, and the decode limit."""
-    settings = episode_settings(params, source="evaluation")
+    settings = EpisodeSettings.from_params(params, source="evaluation")
 
     async def main() -> dict:
         backend = make_backend(llm, adapter=adapter)

@@ -33,7 +33,7 @@ from stepflow.envs.scienceworld import ScienceWorldEnv
 from stepflow.llm.local import LocalBackend
 from stepflow.provenance import code_version, utc_now
 from stepflow.rollout.engine import rollout
-from stepflow.rollout.episode import RolloutSettings
+from stepflow.rollout.episode import EpisodeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rollout.json"
@@ -49,7 +49,7 @@ def run(
 ) -> dict:
     """Run episodes (fresh output file) and measure them."""
     instances = [TaskInstance("scienceworld", TASK, v, "train") for v in variations]
-    settings = RolloutSettings(step_limit=steps, max_observation_chars=max_observation_chars)
+    settings = EpisodeSettings(step_limit=steps, max_observation_chars=max_observation_chars)
     stats_before = dict(vars(backend.stats))
     with tempfile.TemporaryDirectory() as tmp:
         output = Path(tmp) / "episodes.jsonl"

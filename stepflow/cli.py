@@ -336,7 +336,7 @@ def rollout_command(
     import json
 
     from stepflow.data.jsonl import DataError
-    from stepflow.data.prepare import example_for, load_examples
+    from stepflow.data.prepare import load_examples
     from stepflow.data.selection import (
         SPLITS,
         OfficialSplitLabels,
@@ -346,7 +346,7 @@ def rollout_command(
     )
     from stepflow.data.splits import load_manifest
     from stepflow.envs import make_env
-    from stepflow.rollout.engine import run_rollout
+    from stepflow.rollout.job import RolloutJob
 
     loaded = load_or_exit(params, overrides)
     manifest_path = manifest or Path(loaded.paths.data) / MANIFEST
@@ -365,22 +365,23 @@ def rollout_command(
             )
     except (SelectionError, DataError) as exc:
         raise _fail(str(exc)) from None
-    examples = load_examples(Path(loaded.paths.data)) if loaded.agent.one_shot else {}
-    if loaded.agent.one_shot and not examples:
+    data = Path(loaded.paths.data)
+    one_shot = loaded.agent.one_shot
+    if one_shot and not load_examples(data):
         console.print(
             "[yellow]warning:[/] agent.one_shot is set but there are no one-shot "
             "examples (run prepare); running zero-shot"
         )
-    summary = run_rollout(
+    summary = RolloutJob(
         loaded,
-        instances,
+        tuple(instances),
         output,
         adapter=adapter,
-        example_for=(lambda instance: example_for(examples, instance)) if examples else None,
+        examples=data if one_shot else None,
         concurrency=concurrency,
         max_episodes=max_episodes,
         progress=progress,
-    )
+    ).run()
     typer.echo(json.dumps(summary.to_dict(), indent=2))
     if summary.errors:
         raise _fail(f"{len(summary.errors)} episode(s) failed; rerun to retry them")

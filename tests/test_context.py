@@ -274,14 +274,14 @@ def test_episode_prompts_fit_the_agent_context(embedded_dir, counter) -> None:
     from stepflow.envs.aio import AsyncEnv
     from stepflow.envs.scienceworld import ScienceWorldEnv
     from stepflow.llm.local import LocalBackend
-    from stepflow.rollout.episode import RolloutSettings, run_episode
+    from stepflow.rollout.episode import EpisodeSettings, run_episode
 
     backend = Recording(LocalBackend("embedded"))
     instance = TaskInstance("scienceworld", "find-non-living-thing", 1, "train")
     # the opening prompt is ~330 tokens; each step adds ~60-130: prompts outgrow the budget
     # after 3-4 steps, and the last 2 steps always fit beside the opening
     budget = 560
-    settings = RolloutSettings(
+    settings = EpisodeSettings(
         step_limit=8,
         max_observation_chars=200,
         max_new_tokens=24,

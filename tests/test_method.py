@@ -213,7 +213,7 @@ def _digests() -> dict[str, tuple[StageParams, Callable[[Params], str], tuple[st
     from stepflow.data.prepare import prepare_hash
     from stepflow.data.splits import manifest_hash
     from stepflow.evaluate.evaluation import evaluation_digest
-    from stepflow.rollout.episode import RolloutSettings
+    from stepflow.rollout.episode import EpisodeSettings
     from stepflow.teacher.synthesis import synthesis_digest
     from stepflow.train.runs import run_key
 
@@ -222,12 +222,12 @@ def _digests() -> dict[str, tuple[StageParams, Callable[[Params], str], tuple[st
         "prepare": (method.PREPARE_PARAMS, prepare_hash, ()),
         "rollout": (
             method.EPISODE_PARAMS,
-            lambda p: RolloutSettings.from_params(p).params_hash or "",
+            lambda p: EpisodeSettings.from_params(p).params_hash or "",
             (),
         ),
         "rollout (synthesis)": (
             method.SYNTHESIS_PARAMS,
-            lambda p: RolloutSettings.from_params(p, source="synthesis").params_hash or "",
+            lambda p: EpisodeSettings.from_params(p, source="synthesis").params_hash or "",
             (),
         ),
         "synthesis": (method.SYNTHESIS_PARAMS, lambda p: synthesis_digest(p, None), ()),

@@ -23,7 +23,7 @@ from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
 from stepflow.llm.local import LocalBackend
 from stepflow.rollout.engine import rollout
-from stepflow.rollout.episode import RolloutSettings
+from stepflow.rollout.episode import EpisodeSettings
 
 TASK = "find-non-living-thing"
 SHORT = [
@@ -69,7 +69,7 @@ def check_trajectory(trajectory: Trajectory, limit: int) -> None:
 def test_concurrent_episodes_of_the_embedded_model(tmp_path: Path, embedded_dir) -> None:
     instances = [TaskInstance("scienceworld", TASK, v, "train") for v in (1, 2)]
     backend = LocalBackend("embedded", generation=GenerationConfig(max_new_tokens=16))
-    settings = RolloutSettings(step_limit=3, max_observation_chars=400, params_hash="test")
+    settings = EpisodeSettings(step_limit=3, max_observation_chars=400, params_hash="test")
 
     async def main():
         try:

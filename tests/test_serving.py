@@ -20,7 +20,7 @@ from stepflow.data.trajectory import read_trajectories
 from stepflow.evaluate.evaluation import evaluate_agent
 from stepflow.llm.served_adapters import served_name, with_adapter
 from stepflow.llm.serving import engine_requirement, group_members, server_command, state_path
-from stepflow.rollout.engine import run_rollout
+from stepflow.rollout.job import RolloutJob
 from stepflow.teacher.synthesis import synthesize
 from tests.servers import free_port
 
@@ -168,9 +168,8 @@ def test_student_episodes_through_vllm(vllm, base_agent_workspace, tmp_path, mon
     params = load_params("params.yaml", _endpoint_overrides(vllm["base_url"]))
     instances = sorted(load_manifest(Path("data/manifest.json")).select("test"))
     before = _requests_served(vllm["base_url"])
-    summary = run_rollout(
-        params, instances, tmp_path / "episodes.jsonl", concurrency=2, progress=False
-    )
+    job = RolloutJob(params, instances, tmp_path / "episodes.jsonl", concurrency=2, progress=False)
+    summary = job.run()
     assert summary.errors == {} and summary.episodes == len(instances) == 2
     episodes = read_trajectories(tmp_path / "episodes.jsonl")
     assert {t.provenance.student_model for t in episodes} == {"student"}

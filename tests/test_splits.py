@@ -102,14 +102,14 @@ def test_another_engines_section_leaves_every_digest_alone(env, params_file) -> 
     data, episodes, synthesis, evaluation), and every digest of an ALFWorld run changes."""
     from stepflow.data.prepare import prepare_hash
     from stepflow.evaluate.evaluation import evaluation_digest
-    from stepflow.rollout.episode import RolloutSettings
+    from stepflow.rollout.episode import EpisodeSettings
     from stepflow.teacher.synthesis import synthesis_digest
 
     def digests(overrides: list[str]) -> dict[str, str]:
         params = load_params(params_file, [f"env.task_types={TASKS}", *overrides])
         found = {
             "prepare": prepare_hash(params),
-            "episode": RolloutSettings.from_params(params).params_hash,
+            "episode": EpisodeSettings.from_params(params).params_hash,
             "synthesis": synthesis_digest(params, None),
             "evaluation": evaluation_digest(params, "base"),
         }

@@ -19,7 +19,7 @@ from stepflow.envs.base import TaskInstance
 from stepflow.llm import make_backend
 from stepflow.llm.base import Completion
 from stepflow.rollout.engine import rollout
-from stepflow.rollout.episode import RolloutSettings
+from stepflow.rollout.episode import EpisodeSettings
 from stepflow.teacher import templates
 from stepflow.teacher.base import StepFacts
 from stepflow.teacher.llm import LLMTeacher, MalformedAnswer, parse_answer
@@ -283,7 +283,7 @@ def _synthesis_rollout(params, instances, backend, teacher, output: Path):
             backend,
             output,
             env_factory=functools.partial(make_env, params.env),
-            settings=RolloutSettings.from_params(params, source="synthesis"),
+            settings=EpisodeSettings.from_params(params, source="synthesis"),
             concurrency=1,
             example_for=functools.partial(example_for, examples),
             reviewer=reviewer,

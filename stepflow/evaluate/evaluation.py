@@ -21,7 +21,8 @@ from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
 from stepflow.method import EVAL_DIR, EVALUATION_PARAMS, MANIFEST, WORK_ROOT
 from stepflow.provenance import adapter_digest
-from stepflow.rollout.shards import RolloutSpec, ShardMap, run_stage
+from stepflow.rollout.job import RolloutJob
+from stepflow.rollout.shards import ShardMap, run_stage
 
 
 def agent_adapter(params: Params, agent: str) -> Path | None:
@@ -109,21 +110,18 @@ def evaluate_agent(
         greedy(evaluation_llm(params)), agent, evaluated_adapter(params, agent)
     )
     work_log = Path(work_root) / f"evaluate-{agent}-{split}-{digest}" / "episodes.jsonl"
-    spec = RolloutSpec(
+    job = RolloutJob(
         params=params,
+        instances=tuple(instances),
+        output=work_log,
         student=student,
         adapter=Path(adapter).resolve() if adapter else None,
         source="evaluation",
         params_hash=digest,
-        data_dir=data_dir.resolve(),
-    )
-    result = run_stage(
-        spec,
-        instances,
-        work_log,
-        shard_map=shard_map,
+        examples=data_dir.resolve(),
         progress=show_progress,
-    ).summary
+    )
+    result = run_stage(job, shard_map=shard_map)
     what = f"evaluation of {agent} on {split}"
     result.raise_for_errors(what)
     result.raise_for_failures(what, params.rollout.max_failed_fraction)

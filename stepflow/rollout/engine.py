@@ -14,27 +14,24 @@ while the run goes on. A rerun retries the failed episodes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stepflow.data.trajectory import Trajectory, TrajectoryLog
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import EnvCrashed, TaskInstance, TextEnv
-from stepflow.evaluate.protocols import evaluation_step_limit
 from stepflow.llm.base import ChatBackend
 from stepflow.progress import progress_bar
-from stepflow.rollout.episode import RolloutSettings, Source, run_episode
+from stepflow.rollout.episode import EpisodeSettings, run_episode
 from stepflow.rollout.review import Reviewer
 
 if TYPE_CHECKING:
-    from stepflow.config import LLMConfig, Params
+    from stepflow.teacher.base import TeacherStats
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +74,15 @@ class RolloutSummary:
     llm_s: float = 0.0
     env_s: float = 0.0
     teacher_s: float = 0.0
+    # a reviewed rollout (synthesis): the teacher's name and counters, not episode totals
+    teacher: str | None = None
+    teacher_stats: TeacherStats | None = None
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
+        """The episode totals, JSON-ready (without the teacher's name and counters)."""
+        totals = asdict(self)
+        del totals["teacher"], totals["teacher_stats"]
+        return totals
 
     def raise_for_errors(self, what: str) -> None:
         """Raise EpisodeErrors naming every episode that failed."""
@@ -164,7 +166,7 @@ async def rollout(
     output: str | Path,
     *,
     env_factory: Callable[[], TextEnv],
-    settings: RolloutSettings,
+    settings: EpisodeSettings,
     concurrency: int = 4,
     example_for: ExampleFor | None = None,
     reviewer: Reviewer | None = None,
@@ -272,71 +274,3 @@ async def rollout(
     summary.env_restarts = restarts + sum(t.stats.env_restarts for t in new)
     summary.remaining = len(keys) - len(finished)
     return summary
-
-
-def episode_settings(
-    params: Params, *, source: Source = "rollout", params_hash: str | None = None
-) -> RolloutSettings:
-    """The settings episodes of `source` run under: params.yaml's, with the step limits of
-    the evaluation protocol (`evaluation.protocol`, e.g. ETO's caps) for evaluation."""
-    settings = RolloutSettings.from_params(params, source=source, params_hash=params_hash)
-    if source == "evaluation":
-        settings = replace(settings, step_limit=evaluation_step_limit(params))
-    return settings
-
-
-def run_rollout(
-    params: Params,
-    instances: Sequence[TaskInstance],
-    output: str | Path,
-    *,
-    adapter: str | Path | None = None,
-    student: LLMConfig | None = None,
-    example_for: ExampleFor | None = None,
-    reviewer: Reviewer | None = None,
-    source: Source = "rollout",
-    params_hash: str | None = None,
-    concurrency: int | None = None,
-    max_episodes: int | None = None,
-    progress: bool = True,
-    cleanup: Callable[[], Awaitable[None]] | None = None,
-) -> RolloutSummary:
-    """Run the student of params.yaml (or `student`, optionally with a LoRA adapter) on
-    `instances`, every prompt fitted to the agent's context (stepflow.agent.context);
-    `cleanup` is awaited in the same event loop when the rollout ends."""
-    from stepflow.agent.context import prompt_fitter
-    from stepflow.envs import make_env
-    from stepflow.llm import make_backend
-
-    llm = student or params.student
-    settings = episode_settings(params, source=source, params_hash=params_hash)
-
-    async def main() -> RolloutSummary:
-        backend = make_backend(llm, adapter=adapter)
-        try:
-            fitter = prompt_fitter(params, llm, getattr(backend, "tokenizer", None))
-            log.info(
-                "agent prompts fitted to %d tokens (counted with the %s)",
-                fitter.budget,
-                fitter.counter.name,
-            )
-            settings_here = dataclasses.replace(settings, prompt_fit=fitter)
-            return await rollout(
-                instances,
-                backend,
-                output,
-                env_factory=functools.partial(make_env, params.env),
-                settings=settings_here,
-                concurrency=concurrency or params.rollout.concurrency,
-                example_for=example_for,
-                reviewer=reviewer,
-                max_episodes=max_episodes,
-                progress=progress,
-                episode_attempts=params.rollout.episode_attempts,
-            )
-        finally:
-            await backend.aclose()
-            if cleanup is not None:
-                await cleanup()
-
-    return asyncio.run(main())

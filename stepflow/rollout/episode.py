@@ -49,7 +49,7 @@ Source = Literal["rollout", "synthesis", "evaluation"]
 
 
 @dataclass(frozen=True)
-class RolloutSettings:
+class EpisodeSettings:
     """How episodes run: the student's step limit (one for all, or per task type),
     observation clipping, generation length, corrections allowed per episode on top of the
     step limit, and provenance."""
@@ -71,13 +71,21 @@ class RolloutSettings:
     @classmethod
     def from_params(
         cls, params: Params, *, source: Source = "rollout", params_hash: str | None = None
-    ) -> RolloutSettings:
-        """Settings of params.yaml (per-task step limits, agent, student, synthesis). The
-        default `params_hash` reads the episode's keys (`stepflow.method.EPISODE_PARAMS`),
-        a synthesis's those of synthesis; evaluation and synthesis always pass their own."""
+    ) -> EpisodeSettings:
+        """Settings of params.yaml (per-task step limits, agent, student, synthesis), with
+        the step limits of the evaluation protocol (`evaluation.protocol`, e.g. ETO's caps)
+        for evaluation episodes. The default `params_hash` reads the episode's keys
+        (`stepflow.method.EPISODE_PARAMS`), a synthesis's those of synthesis; evaluation and
+        synthesis always pass their own."""
+        from stepflow.evaluate.protocols import evaluation_step_limit
+
         stage = SYNTHESIS_PARAMS if source == "synthesis" else EPISODE_PARAMS
         return cls(
-            step_limit=params.env.step_limit_for,
+            step_limit=(
+                evaluation_step_limit(params)
+                if source == "evaluation"
+                else params.env.step_limit_for
+            ),
             max_observation_chars=params.agent.max_observation_chars,
             max_new_tokens=params.student.generation.max_new_tokens,
             max_corrections=params.synthesis.max_corrections,
@@ -169,7 +177,7 @@ async def _apply_review(
     env: AsyncEnv,
     review: StepReview,
     previous: StepResult | None,
-    settings: RolloutSettings,
+    settings: EpisodeSettings,
 ) -> None:
     """Handle a step judged wrong: execute the correction in the state the wrong step left
     (rewinding only a step that lost the task), or stop the episode when it cannot be
@@ -223,7 +231,7 @@ async def run_episode(
     env: AsyncEnv,
     instance: TaskInstance,
     backend: ChatBackend,
-    settings: RolloutSettings,
+    settings: EpisodeSettings,
     *,
     example: str | None = None,
     reviewer: Reviewer | None = None,

@@ -17,11 +17,14 @@ correction to offer) stops the episode, which is then never kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from stepflow.data.trajectory import EpisodeStats, Turn
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import StepResult, TaskInstance
+
+if TYPE_CHECKING:
+    from stepflow.teacher.base import TeacherStats
 
 
 @dataclass
@@ -71,4 +74,29 @@ class Reviewer(Protocol):
 
     async def review(self, ctx: StepContext) -> StepReview | None:
         """Review the latest student step."""
+        ...
+
+
+class JobReviewer(Reviewer, Protocol):
+    """The reviewer of a rollout job: named (episodes record it as their teacher), counting
+    its teacher's verdicts and tokens, closed when the job ends."""
+
+    name: str
+
+    @property
+    def stats(self) -> TeacherStats:
+        """The teacher's counters so far."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the teacher's backend."""
+        ...
+
+
+class ReviewSetup(Protocol):
+    """How a rollout job gets its reviewer: a picklable recipe, started in the process that
+    runs the job's episodes (a shard's worker builds its own teacher)."""
+
+    def start(self) -> JobReviewer:
+        """Build the reviewer."""
         ...

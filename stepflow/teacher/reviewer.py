@@ -7,7 +7,7 @@ from typing import Literal
 
 from stepflow.data.trajectory import Trajectory
 from stepflow.rollout.review import StepContext, StepReview
-from stepflow.teacher.base import StepFacts, Teacher
+from stepflow.teacher.base import StepFacts, Teacher, TeacherStats
 
 RewindPolicy = Literal["auto", "never"]
 
@@ -49,6 +49,15 @@ class TeacherReviewer:
         self.references = references
         self.rewind = rewind
         self.name = teacher.name
+
+    @property
+    def stats(self) -> TeacherStats:
+        """The teacher's counters."""
+        return self.teacher.stats
+
+    async def aclose(self) -> None:
+        """Close the teacher's backend."""
+        await self.teacher.aclose()
 
     async def review(self, ctx: StepContext) -> StepReview | None:
         """A correction when the teacher judges the step wrong."""

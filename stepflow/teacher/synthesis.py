@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean, quantiles
 
-from stepflow.config import Params
+from stepflow.config import Params, TeacherConfig
 from stepflow.data.jsonl import atomic_write_json
 from stepflow.data.prepare import load_prepared
 from stepflow.data.trajectory import Trajectory, read_trajectories, write_trajectories
@@ -37,8 +37,10 @@ from stepflow.method import (
     variant,
 )
 from stepflow.provenance import adapter_digest
-from stepflow.rollout.shards import RolloutSpec, ShardMap, run_stage
-from stepflow.teacher import TeacherStats
+from stepflow.rollout.job import RolloutJob
+from stepflow.rollout.shards import ShardMap, run_stage
+from stepflow.teacher import TeacherStats, make_teacher
+from stepflow.teacher.reviewer import RewindPolicy, TeacherReviewer
 
 
 @dataclass
@@ -86,6 +88,22 @@ class SynthesisSummary:
     def as_dict(self) -> dict:
         """JSON-ready form."""
         return {**asdict(self), "keep_rate": round(self.keep_rate, 4)}
+
+
+@dataclass(frozen=True)
+class TeacherReview:
+    """The teacher of params.yaml reviewing every student step against the instance's golden
+    trajectory (D2 of the prepared `data_dir`); started by each process that runs episodes."""
+
+    teacher: TeacherConfig
+    rewind: RewindPolicy
+    data_dir: Path
+
+    def start(self) -> TeacherReviewer:
+        """The teacher, its backend opened, as the rollout's step reviewer."""
+        _, _, d2 = load_prepared(self.data_dir)
+        teacher = make_teacher(self.teacher)
+        return TeacherReviewer(teacher, {t.key: t for t in d2}, self.rewind)
 
 
 def base_agent_adapter(params: Params) -> Path | None:
@@ -206,23 +224,19 @@ def synthesize(
 
     agent = BASE_AGENT if adapter == BASE_AGENT else Path(adapter).name if adapter else UNTRAINED
     student, local_adapter = with_adapter(params.student, agent, adapter_path)
-    spec = RolloutSpec(
+    job = RolloutJob(
         params=params,
+        instances=tuple(instances),
+        output=work_log,
         student=student,
         adapter=Path(local_adapter).resolve() if local_adapter else None,
         source="synthesis",
         params_hash=digest,
-        data_dir=data_dir.resolve(),
-        review=True,
-    )
-    run = run_stage(
-        spec,
-        instances,
-        work_log,
-        shard_map=shard_map,
+        examples=data_dir.resolve(),
+        review=TeacherReview(params.teacher, params.synthesis.rewind, data_dir.resolve()),
         progress=show_progress,
     )
-    result = run.summary
+    result = run_stage(job, shard_map=shard_map)
     result.raise_for_errors("synthesis")
     result.raise_for_failures("synthesis", params.rollout.max_failed_fraction)
     wanted = {i.key for i in instances}
@@ -236,8 +250,8 @@ def synthesize(
     accepted_turns = sum(t.stats.accepted_steps for t in keep)
     assistant_turns = sum(t.num_steps for t in keep)
     corrections = [t.stats.corrections for t in episodes]
-    stats = run.teacher_stats or TeacherStats()
-    teacher = run.teacher or next(
+    stats = result.teacher_stats or TeacherStats()
+    teacher = result.teacher or next(
         (t.provenance.teacher for t in episodes if t.provenance.teacher), params.teacher.kind
     )
     summary = SynthesisSummary(
