@@ -134,14 +134,9 @@ def evaluate_task(params: Params, agent: str) -> dict[str, dict[str, float]]:
     Cached across runs while its outputs are current (same settings, adapter and code): call
     it through `tasks.caching.cached_unless_stale`.
     """
-    from stepflow.evaluate.evaluation import evaluate_agent, write_dvc_metrics
+    from stepflow.evaluate.evaluation import evaluate_splits
 
-    shards = shard_map(params)
-    results = {
-        split: evaluate_agent(params, agent, split, shard_map=shards)
-        for split in params.evaluation.splits
-    }
-    write_dvc_metrics(params, agent, results)
+    results = evaluate_splits(params, agent, shard_map=shard_map(params))
     return {split: metrics.flat() for split, metrics in results.items()}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stepflow.cli import app
+from flows.cli import app
 from stepflow.config import load_params
 from stepflow.data.splits import load_manifest
 from stepflow.data.trajectory import EpisodeStats, read_trajectories

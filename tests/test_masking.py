@@ -238,7 +238,7 @@ def test_trailing_context_is_trimmed(tokenizer) -> None:
 def test_show_mask_cli(tmp_path, params_file) -> None:
     from typer.testing import CliRunner
 
-    from stepflow.cli import app
+    from flows.cli import app
     from stepflow.data.trajectory import write_trajectories
 
     path = tmp_path / "reflected.jsonl"

@@ -151,7 +151,7 @@ def test_thought_modes(tmp_path, params_file, monkeypatch) -> None:
 def test_killed_prepare_resumes_without_duplicates(tmp_path, params_file) -> None:
     params_path = tmp_path / "params.yaml"
     params_path.write_text(params_file.read_text())
-    args = [sys.executable, "-m", "stepflow.cli", "prepare", "-p", str(params_path)]
+    args = [sys.executable, "-m", "flows.cli", "prepare", "-p", str(params_path)]
     for override in _overrides(train=12):
         args += ["-S", override]
     params = load_params(params_path, _overrides(train=12))

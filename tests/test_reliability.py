@@ -30,7 +30,7 @@ from stepflow.teacher.synthesis import synthesize
 from stepflow.train.runs import last_checkpoint
 from tests.servers import KEY, KEY_ENV, clear_faults, free_port, inject, openai_server
 
-CLI = [sys.executable, "-m", "stepflow.cli"]
+CLI = [sys.executable, "-m", "flows.cli"]
 FLOWS = [sys.executable, "-m", "flows"]
 
 

@@ -105,7 +105,7 @@ def test_concurrent_episodes_of_the_embedded_model(tmp_path: Path, embedded_dir)
 
 
 def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    command = [sys.executable, "-m", "stepflow.cli", "rollout", *args]
+    command = [sys.executable, "-m", "flows.cli", "rollout", *args]
     return subprocess.Popen(
         command,
         cwd=cwd,

@@ -35,7 +35,7 @@ def _port_open(port: int) -> bool:
 
 def _stepflow(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stepflow.cli", *args],
+        [sys.executable, "-m", "flows.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -347,7 +347,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(workspace: Path, params_fi
 def test_train_cli_reports_problems(params_file: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from stepflow.cli import app
+    from flows.cli import app
 
     runner = CliRunner()
     args = ["--params", str(params_file), "-S", f"paths.data={tmp_path / 'none'}"]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import get_args
+from pathlib import Path
+from typing import TYPE_CHECKING, get_args
 
 from stepflow.envs.base import TaskInstance, TextEnv
 from stepflow.data.trajectory import Split
+
+if TYPE_CHECKING:
+    from stepflow.config import Params
 
 SPLITS: tuple[str, ...] = get_args(Split)
 
@@ -122,3 +126,35 @@ class OfficialSplitLabels:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def choose_instances(
+    params: Params,
+    *,
+    manifest: Path | None = None,
+    split: str | None = None,
+    task: str | None = None,
+    variations: str | None = None,
+    limit: int | None = None,
+) -> list[TaskInstance]:
+    """The instances of params.yaml's environment chosen as `select_instances` does, from the
+    split manifest (default `<paths.data>/manifest.json`; none yet: only named instances)
+    and `variations` written as `1,2,5-7`; a variation the manifest does not list is
+    labelled with `split`, else with the environment's official split."""
+    from stepflow.data.splits import load_manifest
+    from stepflow.envs import make_env
+    from stepflow.method import MANIFEST
+
+    path = manifest or Path(params.paths.data) / MANIFEST
+    known = load_manifest(path).select(*SPLITS) if path.is_file() else []
+    chosen = parse_variations(variations) if variations is not None else None
+    with OfficialSplitLabels(lambda: make_env(params.env)) as label:
+        return select_instances(
+            params.env.name,
+            manifest=known,
+            split=split,
+            task=task,
+            variations=chosen,
+            limit=limit,
+            label=label,
+        )

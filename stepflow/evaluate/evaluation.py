@@ -144,9 +144,27 @@ def evaluate_agent(
     return metrics
 
 
+def evaluate_splits(
+    params: Params, agent: str, *, shard_map: ShardMap | None = None
+) -> dict[str, AgentMetrics]:
+    """Evaluate one agent on every split of `evaluation.splits`; write its metrics, and its
+    flat figures to `metrics/<agent>.json`."""
+    results = {
+        split: evaluate_agent(params, agent, split, shard_map=shard_map)
+        for split in params.evaluation.splits
+    }
+    write_dvc_metrics(params, agent, results)
+    return results
+
+
+def dvc_metrics_path(params: Params, agent: str) -> Path:
+    """`metrics/<agent>.json`, the figures `dvc metrics` shows."""
+    return Path(params.paths.metrics) / f"{agent}.json"
+
+
 def write_dvc_metrics(params: Params, agent: str, results: dict[str, AgentMetrics]) -> Path:
     """`metrics/<agent>.json`: flat figures per split."""
-    path = Path(params.paths.metrics) / f"{agent}.json"
+    path = dvc_metrics_path(params, agent)
     atomic_write_json(path, {split: m.flat() for split, m in results.items()})
     return path
 

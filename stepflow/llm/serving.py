@@ -69,6 +69,13 @@ def has_cuda() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
+def with_options(config: ServingConfig, **options: object) -> ServingConfig:
+    """`config` with the options that are given (not None) on top, validated again (a
+    pydantic ValidationError names the bad one)."""
+    update = {key: value for key, value in options.items() if value is not None}
+    return ServingConfig.model_validate({**config.model_dump(), **update})
+
+
 def engine_requirement(config: ServingConfig, cuda: bool | None = None) -> str:
     """The pip requirement of the engine: `serving.package`, or the CPU/GPU default."""
     if config.package != "auto":

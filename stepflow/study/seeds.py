@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,68 +94,3 @@ class Deadline:
     @property
     def passed(self) -> bool:
         return self.at is not None and time.monotonic() >= self.at
-
-
-def run_seed_processes(
-    params_path: str,
-    overrides: list[str],
-    seeds: Sequence[int],
-    params: Params,
-    hours: float | None = None,
-) -> dict[int, int]:
-    """Run each seed's `stepflow study run --seed N` in a process of its own, up to
-    `study.parallel` at once, each logging to `<seed dir>/study.log`; their exit codes.
-    No seed starts after `hours`, and each gets what is left of them."""
-    import os
-    import subprocess
-    import sys
-
-    # each process's torch gets its share of the cores: oversubscribed threads spin and
-    # slow every process down (README: Benchmarks)
-    threads = str(max(1, (os.cpu_count() or 1) // params.study.parallel))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "PYTHONUNBUFFERED": "1",
-    }
-    deadline = Deadline.after_hours(hours)
-    pending = list(seeds)
-    running: dict[int, tuple[subprocess.Popen, Any]] = {}
-    codes: dict[int, int] = {}
-    try:
-        while pending or running:
-            while pending and len(running) < params.study.parallel and not deadline.passed:
-                seed = pending.pop(0)
-                command = [sys.executable, "-m", "stepflow.cli", "study", "run"]
-                command += ["-p", params_path, f"--seed={seed}", "--no-summary"]
-                if deadline.at is not None:
-                    left = max(0.0, deadline.at - time.monotonic()) / 3600
-                    command += [f"--hours={left:.4f}"]
-                for override in overrides:
-                    command += ["-S", override]
-                log = seed_dir(params, seed) / "study.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                handle = log.open("a")
-                print(f"seed {seed}: started, log in {log}")
-                proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-                running[seed] = (proc, handle)
-            if deadline.passed and pending:
-                print(f"seeds {pending} not started: the {hours} h are up")
-                pending.clear()
-            time.sleep(2)
-            for seed, (proc, handle) in list(running.items()):
-                if proc.poll() is not None:
-                    handle.close()
-                    codes[seed] = proc.returncode
-                    del running[seed]
-                    print(f"seed {seed}: exit {proc.returncode}")
-    finally:
-        for proc, handle in running.values():
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            handle.close()
-    return codes

@@ -1,4 +1,5 @@
-"""A human view of partial masking: a tokenized trajectory with its trained tokens highlighted."""
+"""A human view of partial masking: a tokenized trajectory with its trained tokens highlighted,
+where training cuts it, and how much of it is trained."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
-from stepflow.train.masking import TokenizedTrajectory
+from stepflow.train.masking import IGNORE_INDEX, TokenizedTrajectory, TrainingView
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from stepflow.data.trajectory import Trajectory
 
 TRAINED = "bold black on green"
 MASKED_STEP = "red strike"
@@ -68,3 +71,50 @@ def legend(counts: dict[str, int]) -> Text:
         text.append(f" {name} ", style=style)
         text.append(f" {meaning}: {counts.get(name, 0)}   ")
     return text
+
+
+def pick_trajectory(
+    records: list[Trajectory], source: str, *, index: int | None = None, key: str | None = None
+) -> Trajectory:
+    """The trajectory of `records` (read from `source`) with this instance `key`, or at
+    `index` (negative from the end; default the first); LookupError names the problem."""
+    if index is not None and key is not None:
+        raise LookupError("give --index or --key, not both")
+    if key is not None:
+        chosen = next((t for t in records if t.key == key), None)
+        if chosen is None:
+            raise LookupError(f"{source}: no trajectory with key {key!r}")
+        return chosen
+    position = index or 0
+    if not -len(records) <= position < len(records):
+        raise LookupError(f"{source}: index {position} out of range ({len(records)} trajectories)")
+    return records[position]
+
+
+def cut_at(view: TrainingView) -> int | None:
+    """Where the training input ends inside the conversation (None: it takes it whole, or
+    the trajectory is left out)."""
+    return view.keep if view.keep != view.tokenized.num_tokens else None
+
+
+def view_notes(view: TrainingView, limits: str) -> list[str]:
+    """What the view does not show: the fitting to `max_seq_len`, and how many of the
+    conversation's tokens go into training and are trained (`limits` names the settings)."""
+    notes = []
+    tokenized, keep = view.tokenized, view.keep
+    if view.fitted is not None:
+        notes.append(
+            f"fitted to max_seq_len ({view.original.num_tokens} tokens unfitted): "
+            f"{view.fitted.elided_observations} earlier observations elided, "
+            f"demonstration {'dropped' if view.fitted.example_dropped else 'kept'}, "
+            f"{view.fitted.dropped_steps} steps windowed out"
+        )
+    if keep is None:
+        notes.append(f"{tokenized.num_tokens} tokens; left out of training ({limits})")
+        return notes
+    fed = sum(1 for label in tokenized.labels[:keep] if label != IGNORE_INDEX)
+    notes.append(
+        f"{tokenized.num_tokens} tokens; training input: the first {keep}, of which "
+        f"{fed} trained ({fed / keep:.1%}) ({limits})"
+    )
+    return notes
