@@ -277,7 +277,7 @@ def attention_share(data: list[Trajectory], params_path: Path, flops_per_token: 
     from transformers import AutoConfig
 
     from stepflow.llm.embedded import resolve_model
-    from stepflow.train.masking import build_examples
+    from stepflow.train.examples import build_examples
     from stepflow.train.modeling import load_tokenizer
 
     params = load_params(params_path)

@@ -28,7 +28,7 @@ from stepflow.data.trajectory import EpisodeStats, Provenance, Trajectory
 from stepflow.envs.base import TaskInstance
 from stepflow.teacher.base import StepFacts, TeacherStats
 from stepflow.teacher.llm import judge_prompt
-from stepflow.train.masking import build_examples, fit_for_training, training_view
+from stepflow.train.examples import build_examples, fit_for_training, training_view
 
 REPO = Path(__file__).resolve().parent.parent
 ROOMS = ["kitchen", "hallway", "workshop", "greenhouse", "bathroom", "art studio"]

@@ -13,12 +13,8 @@ import copy
 import pytest
 
 from stepflow.data.trajectory import Trajectory
-from stepflow.train.masking import (
-    IGNORE_INDEX,
-    TemplateError,
-    build_examples,
-    tokenize_trajectory,
-)
+from stepflow.train.examples import build_examples
+from stepflow.train.masking import IGNORE_INDEX, TemplateError, tokenize_trajectory
 from tests.sample_trajectories import (
     golden_find_non_living,
     golden_lifespan,

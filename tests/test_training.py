@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from stepflow.config import load_params
 from stepflow.data.trajectory import write_trajectories
 from stepflow.method import VARIANTS
-from stepflow.train.masking import build_examples
+from stepflow.train.examples import build_examples
 from stepflow.train.metering import trained_logits_only
 from stepflow.train.modeling import (
     cpu_has_native_bf16,

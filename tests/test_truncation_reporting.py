@@ -15,7 +15,7 @@ from stepflow.evaluate.metrics import agent_metrics
 from stepflow.evaluate.report import markdown_table
 from stepflow.llm.served_adapters import warn_short_generation, with_adapter
 from stepflow.provenance import GENERATION_MARGIN, generation_shortfall
-from stepflow.train.masking import build_examples
+from stepflow.train.examples import build_examples
 from tests.sample_trajectories import sample_set
 from tests.test_trajectory_io import make_trajectory
 

@@ -75,7 +75,8 @@ def show_mask_command(
 
     from stepflow.data.jsonl import DataError
     from stepflow.data.trajectory import read_trajectories
-    from stepflow.train.masking import TemplateError, training_view
+    from stepflow.train.examples import training_view
+    from stepflow.train.masking import TemplateError
     from stepflow.train.maskview import (
         cut_at,
         legend,

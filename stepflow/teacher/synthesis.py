@@ -159,7 +159,7 @@ def reflection_token_share(trajectories: list[Trajectory], params: Params) -> fl
     if not trajectories:
         return None
     from stepflow.llm.embedded import resolve_model
-    from stepflow.train.masking import build_examples
+    from stepflow.train.examples import build_examples
     from stepflow.train.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model(params.student.model))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stepflow.config import Params
 from stepflow.locking import holds_outputs
-from stepflow.train.masking import MaskStats
+from stepflow.train.examples import MaskStats
 
 RESULT_FILE = "launch_result.json"
 

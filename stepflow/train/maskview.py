@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
-from stepflow.train.masking import IGNORE_INDEX, TokenizedTrajectory, TrainingView
+from stepflow.train.examples import TrainingView
+from stepflow.train.masking import IGNORE_INDEX, TokenizedTrajectory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,7 +1,7 @@
 """Fine-tuning of the student: QLoRA (or LoRA, or full) SFT on partially masked trajectories.
 
 One function, `train_variant`, serves every training stage (`stepflow.train.launch.train`
-runs it in one process or several). It tokenizes the variant's data files (`masking`), trains
+runs it in one process or several). It tokenizes the variant's data files (`examples`), trains
 with transformers' `Trainer` on the pre-tokenized labels (`metering`), checkpoints into a work
 directory keyed by data and params (`runs`: a rerun after a crash resumes from the last
 checkpoint, even when DVC has deleted the stage's outputs) and writes the adapter atomically
@@ -52,7 +52,8 @@ from stepflow.method import variant as variant_spec
 from stepflow.provenance import code_version, file_sha256, utc_now
 from stepflow.train.card import publish
 from stepflow.train.distributed import ddp_backend, main_process
-from stepflow.train.masking import IGNORE_INDEX, MaskStats, build_examples
+from stepflow.train.examples import MaskStats, build_examples
+from stepflow.train.masking import IGNORE_INDEX
 from stepflow.train.metering import MeteredTrainer, MlflowMetrics, TokenMeter
 from stepflow.train.modeling import (
     compute_dtype,
