@@ -6,6 +6,10 @@ CUDA-built torchvision/torchaudio/torchcodec it pulls in removed), `vllm` on a G
 The server runs in its own process group with LoRA enabled and runtime adapter loading on;
 its pid, port and log path are kept in `serving.state_dir/server.json` so that `stop` and
 `status` find it from any process.
+
+Over 300 lines, one module: the virtualenv, the server process and its state file are one
+lifecycle (`start` builds the virtualenv on first use, `stop` and `status` find the process
+group through the state file).
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ on top of the student's step limit, up to `max_corrections`. An episode with a w
 that cannot be corrected — no budget left, no correction offered, a lost task that may not
 be rewound — or whose correction was invalid or lowered the score stops there with a
 `stop_reason`; synthesis never keeps it, so nothing in a kept trajectory went unjudged.
+
+Over 300 lines, one module: the loop and the helpers that change an episode's state
+(execute, correct, rewind) are read together; the review hook's types are in `review`.
 """
 
 from __future__ import annotations
