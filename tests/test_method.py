@@ -3,6 +3,7 @@ outputs and `params:`, and the params keys every digest and cache key reads."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -102,6 +103,37 @@ def test_every_stage_declares_its_params_once() -> None:
         body = stage.get("do", stage)
         assert set(body["params"]) == DVC_STAGE_PARAMS[name].dvc_params(), name
         assert "stepflow/method.py" in body["deps"], name
+
+
+def test_every_code_dep_of_a_stage_exists() -> None:
+    """The library's files and packages the stages depend on are where dvc.yaml says (a
+    module moved without its dep would stop DVC from rerunning the stage when it changes)."""
+    deps = {
+        dep
+        for stage in _expanded().values()
+        for dep in stage["deps"]
+        if dep.startswith("stepflow/")
+    }
+    assert len(deps) > 10
+    assert sorted(dep for dep in deps if not (REPO / dep).exists()) == []
+
+
+def test_the_library_has_no_command_line_and_no_orchestration() -> None:
+    """stepflow/ imports neither the Prefect layer (flows/, tasks/) nor a CLI framework: the
+    command line and the flows sit above it."""
+    modules = sorted((REPO / "stepflow").rglob("*.py"))
+    assert len(modules) > 40
+    roots = {"flows", "tasks", "typer", "click", "argparse", "prefect"}
+    found = []
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            found += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in roots]
+    assert found == []
 
 
 def test_engine_sections_are_the_configs_engines() -> None:
