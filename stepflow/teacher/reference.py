@@ -12,9 +12,12 @@ The order of the checks:
    hallway`) matches only the next reference step; or a valid step that raised the score.
 3. Anything else made no progress where the reference would: wrong.
 
-The correction is the reference's next action with the reference's thought; the reflection
-is a deterministic template or, optionally, written by an LLM from the same facts. When the
-reference has no step left to propose, a wrong step gets no correction (the episode stops).
+The correction is the reference's next action with the reference's thought, executed where
+the student is: when the reference did that step somewhere else (ScienceWorld: another room)
+and the student's steps took it away from there, the correction is the reference's move to
+that place instead (its next step comes after). The reflection is a deterministic template
+or, optionally, written by an LLM from the same facts. When the reference has no step left
+to propose, a wrong step gets no correction (the episode stops).
 
 The position in the reference follows the accepted steps of the history: a matched step
 moves it past the matched reference step; a valid step that raised the score moves it past
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 from stepflow.agent.parser import parse_step
 from stepflow.agent.prompts import OBSERVATION_PREFIX
-from stepflow.envs import canonical_wording, observation_only
+from stepflow.envs import canonical_wording, location, observation_only
 from stepflow.llm.base import ChatBackend
 from stepflow.teacher import templates
 from stepflow.teacher.base import Judgment, Reason, StepFacts, TeacherStats, clean_reflection
@@ -84,6 +87,49 @@ def gold_steps(reference: Trajectory) -> list[GoldStep]:
 def start_score(turns: list[Turn]) -> float | None:
     """The score before the first action (on the instruction turn), when recorded."""
     return next((t.score for t in turns if t.kind == "instruction"), None)
+
+
+def _place(env: str, turn: Turn) -> str | None:
+    """Where a user turn's observation says the agent is (None: it does not say)."""
+    if turn.role != "user":
+        return None
+    _, marker, observation = turn.content.rpartition(OBSERVATION_PREFIX)
+    return location(env, observation if marker else turn.content)
+
+
+def gold_places(env: str, reference: Trajectory) -> list[str | None]:
+    """Where the reference was when it took each of its steps (`gold_steps` order)."""
+    places: list[str | None] = []
+    here: str | None = None
+    for turn in reference.turns:
+        if turn.role == "user":
+            here = _place(env, turn) or here
+        elif turn.kind != "erroneous_step" and turn.action is not None:
+            places.append(here)
+    return places
+
+
+def current_place(env: str, history: list[Turn], observation: str) -> str | None:
+    """Where the student is after its latest step (its observation, else the history's)."""
+    latest = _place(env, Turn(role="user", kind="observation", content=observation))
+    if latest is not None:
+        return latest
+    return next((p for t in reversed(history) if (p := _place(env, t)) is not None), None)
+
+
+def correction_index(
+    gold: list[GoldStep], places: list[str | None], position: int, here: str | None
+) -> int:
+    """The reference step to propose: the next one (`position`), or, when the reference took
+    it in another place than the student's, the reference's last move to that place."""
+    needed = places[position] if position < len(places) else None
+    if here is None or needed is None or here == needed:
+        return position
+    for index in range(position - 1, -1, -1):
+        arrived = places[index + 1] if index + 1 < len(places) else None
+        if arrived == needed and places[index] != needed:
+            return index
+    return position  # the reference never moved there: its start; nothing better to offer
 
 
 def _generic(env: str, action: str) -> bool:
@@ -193,7 +239,9 @@ class ReferenceTeacher:
             return Judgment.ok()
         if position >= len(alignment.gold):
             return Judgment(correct=False, reason=reason)  # nothing left to propose
-        target = alignment.gold[position]
+        places = gold_places(reference.env, reference)
+        here = current_place(reference.env, facts.history, facts.observation)
+        target = alignment.gold[correction_index(alignment.gold, places, position, here)]
         reflection = await self.reflect(facts, reason, target)
         return Judgment(
             correct=False,
