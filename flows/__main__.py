@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from stepflow.method import VARIANTS
+
 app = typer.Typer(
     help="Run stepflow's Prefect flows.", no_args_is_help=True, pretty_exceptions_enable=False
 )
@@ -33,8 +35,12 @@ def prepare(params: Params = "params.yaml", overrides: Set = None) -> None:
 
 
 @app.command()
-def train(variant: str, params: Params = "params.yaml", overrides: Set = None) -> None:
-    """Fine-tune a variant: init_sft, golden, step, step_nomask."""
+def train(
+    variant: Annotated[str, typer.Argument(help=" | ".join(VARIANTS))],
+    params: Params = "params.yaml",
+    overrides: Set = None,
+) -> None:
+    """Fine-tune a variant (stepflow/method.py)."""
     from flows.stages import train_flow
 
     train_flow(variant, params, _overrides(overrides))

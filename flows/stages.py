@@ -17,9 +17,10 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
-from stepflow import study, tracking
+from stepflow import method, study, tracking
 from stepflow.config import Params, load_params
-from stepflow.evaluation import AGENTS, current_evaluation
+from stepflow.evaluation import current_evaluation
+from stepflow.method import BASE_AGENT, TRAIN_VARIANTS
 from tasks.caching import cached_unless_stale
 from tasks.stages import (
     evaluate_task,
@@ -31,7 +32,6 @@ from tasks.stages import (
 )
 
 Overrides = dict[str, Any] | None
-TRAIN_VARIANTS = ("golden", "step", "step_nomask")
 
 
 def load(params_path: str, overrides: Overrides) -> Params:
@@ -69,9 +69,9 @@ def prepare_flow(params_path: str = "params.yaml", overrides: Overrides = None) 
 
 @flow(name="train", log_prints=True)
 def train_flow(variant: str, params_path: str = "params.yaml", overrides: Overrides = None) -> dict:
-    """Fine-tune one variant: init_sft, golden, step or step_nomask."""
+    """Fine-tune one variant (`stepflow.method.VARIANTS`)."""
     params = load(params_path, overrides)
-    with tracked(params, f"train_{variant}" if variant != "init_sft" else "init_sft"):
+    with tracked(params, method.variant(variant).stage):
         return train_task(params, variant)
 
 
@@ -91,8 +91,7 @@ def evaluate_flow(
     params = load(params_path, overrides)
     results = {}
     for agent in agents or params.evaluation.agents:
-        if agent not in AGENTS:
-            raise ValueError(f"unknown agent {agent!r}; choose from {', '.join(AGENTS)}")
+        method.agent(agent)  # an unknown name fails before any run starts
         with tracked(params, f"evaluate_{agent}", tags={"stepflow.agent": agent}):
             task = cached_unless_stale(evaluate_task, current_evaluation(params, agent) is not None)
             results[agent] = task(params, agent)
@@ -123,7 +122,7 @@ def step_pipeline(params_path: str = "params.yaml", overrides: Overrides = None)
     evaluate → report; one MLflow parent run holds the stage runs."""
     with tracking.pipeline_run(load(params_path, overrides)):
         prepare_flow(params_path, overrides)
-        train_flow("init_sft", params_path, overrides)
+        train_flow(BASE_AGENT, params_path, overrides)
         synthesize_flow(params_path, overrides)
         for variant in TRAIN_VARIANTS:
             train_flow(variant, params_path, overrides)
@@ -138,9 +137,9 @@ def _study_stages(params_path: str, overrides: dict[str, Any], run: Params) -> l
     stages: list[tuple] = [
         ("prepare", lambda: study.prepared(run), lambda: prepare_flow(params_path, overrides)),
         (
-            "init_sft",
-            lambda: study.trained(run, "init_sft"),
-            lambda: train_flow("init_sft", params_path, overrides),
+            method.variant(BASE_AGENT).stage,
+            lambda: study.trained(run, BASE_AGENT),
+            lambda: train_flow(BASE_AGENT, params_path, overrides),
         ),
         (
             "synthesize",
@@ -151,7 +150,7 @@ def _study_stages(params_path: str, overrides: dict[str, Any], run: Params) -> l
     for variant in TRAIN_VARIANTS:
         stages.append(
             (
-                f"train_{variant}",
+                method.variant(variant).stage,
                 lambda v=variant: study.trained(run, v),
                 lambda v=variant: train_flow(v, params_path, overrides),
             )

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from stepflow.config import DEFAULT_PARAMS, ConfigError, load_params
+from stepflow.method import AGENT_NAMES, MANIFEST, VARIANTS
 
 app = typer.Typer(
     help="stepflow: train LLM agents with STeP (self-reflected trajectories + partial masking).",
@@ -247,7 +248,7 @@ def show_mask_command(
 
 @app.command("train")
 def train_command(
-    variant: Annotated[str, typer.Argument(help="init_sft | golden | step | step_nomask")],
+    variant: Annotated[str, typer.Argument(help=" | ".join(VARIANTS))],
     params: ParamsOption = DEFAULT_PARAMS,
     overrides: OverrideOption = None,
     out_dir: Annotated[
@@ -348,7 +349,7 @@ def rollout_command(
     from stepflow.splits import load_manifest
 
     loaded = load_or_exit(params, overrides)
-    manifest_path = manifest or Path(loaded.paths.data) / "manifest.json"
+    manifest_path = manifest or Path(loaded.paths.data) / MANIFEST
     try:
         known = load_manifest(manifest_path).select(*SPLITS) if manifest_path.is_file() else []
         chosen = parse_variations(variations) if variations is not None else None
@@ -415,13 +416,14 @@ def synthesize_command(
 @app.command("evaluate")
 def evaluate_command(
     agents: Annotated[
-        list[str] | None, typer.Argument(help="agents (default: evaluation.agents)")
+        list[str] | None,
+        typer.Argument(help=f"{' | '.join(AGENT_NAMES)} (default: evaluation.agents)"),
     ] = None,
     params: ParamsOption = DEFAULT_PARAMS,
     overrides: OverrideOption = None,
 ) -> None:
-    """Evaluate agents (base, init_sft, golden, step, step_nomask) on the configured splits,
-    greedy, the same instances for all; writes data/eval/ and metrics/<agent>.json."""
+    """Evaluate agents on the configured splits, greedy, the same instances for all; writes
+    data/eval/ and metrics/<agent>.json."""
     from stepflow.evaluation import evaluate_agent, write_dvc_metrics
     from stepflow.jsonl import DataError
     from stepflow.rollout import EpisodeErrors

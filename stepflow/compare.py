@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stepflow.config import TrackingConfig
-from stepflow.tracking import configure
+from stepflow.tracking import configure, find_run
 
 
 @dataclass
@@ -20,29 +20,6 @@ class MetricDiff:
     def delta(self) -> float | None:
         """b - a when both exist."""
         return None if self.a is None or self.b is None else self.b - self.a
-
-
-def find_run(ref: str):
-    """A run by id, or by name (the newest run of that name)."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        return client.get_run(ref)
-    except MlflowException:
-        pass
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"attributes.run_name = '{ref}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    if not runs:
-        raise LookupError(f"no MLflow run with id or name {ref!r}")
-    return runs[0]
 
 
 def compare_runs(

@@ -21,11 +21,12 @@ from pydantic import (
     model_validator,
 )
 
+from stepflow.method import AGENT_NAMES, STATE_DIR, AgentName
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
-AgentName = Literal["base", "init_sft", "golden", "step", "step_nomask"]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 UnitInterval = Annotated[float, Field(ge=0, le=1)]
 
@@ -343,7 +344,7 @@ class DistributedConfig(Strict):
 
 
 class TrainingConfig(Strict):
-    """Fine-tuning shared by every variant (init_sft, golden, step, step_nomask)."""
+    """Fine-tuning shared by every variant (`stepflow.method.VARIANTS`)."""
 
     method: Literal["auto", "qlora", "lora", "full"] = Field(
         default="auto",
@@ -399,7 +400,7 @@ class EvaluationConfig(Strict):
 
     splits: list[Literal["test", "dev"]] = Field(default_factory=lambda: ["test"], min_length=1)
     agents: list[AgentName] = Field(
-        default_factory=lambda: ["base", "init_sft", "golden", "step", "step_nomask"],
+        default_factory=lambda: list(AGENT_NAMES),
         min_length=1,
     )
     bootstrap_samples: PositiveInt = 1000
@@ -445,7 +446,7 @@ class ServingConfig(Strict):
     startup_timeout_s: Annotated[float, Field(gt=0)] = 900.0
     extra_args: list[str] = Field(default_factory=list)
     state_dir: Path = Field(
-        default=Path(".stepflow/serve"), description="pid, port and log of the running server"
+        default=STATE_DIR / "serve", description="pid, port and log of the running server"
     )
 
 

@@ -35,6 +35,7 @@ from stepflow.agent.prompts import (
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import StepResult, TaskInstance
 from stepflow.llm.base import BackendError, ChatBackend
+from stepflow.method import EPISODE_PARAMS, SYNTHESIS_PARAMS
 from stepflow.provenance import worker_identity
 from stepflow.review import Reviewer, StepContext, StepReview
 from stepflow.trajectory import EpisodeStats, Provenance, StopReason, Trajectory, Turn
@@ -43,18 +44,6 @@ if TYPE_CHECKING:
     from stepflow.config import Params
 
 log = logging.getLogger(__name__)
-
-# The params.yaml keys every episode reads (environment, prompting, student); a stage that
-# runs episodes adds its own keys (and the selected engine's section) to these in its digest.
-EPISODE_KEYS = (
-    "seed",
-    "env.name",
-    "env.simplification",
-    "env.step_limit",
-    "env.step_limits",
-    "agent",
-    "student",
-)
 
 Source = Literal["rollout", "synthesis", "evaluation"]
 
@@ -83,17 +72,17 @@ class RolloutSettings:
     def from_params(
         cls, params: Params, *, source: Source = "rollout", params_hash: str | None = None
     ) -> RolloutSettings:
-        """Settings of params.yaml (per-task step limits, agent, student, synthesis)."""
-        sections = [*EPISODE_KEYS, *params.env.engine_keys()]
-        if source == "synthesis":
-            sections += ["teacher", "synthesis"]
+        """Settings of params.yaml (per-task step limits, agent, student, synthesis). The
+        default `params_hash` reads the episode's keys (`stepflow.method.EPISODE_PARAMS`),
+        a synthesis's those of synthesis; evaluation and synthesis always pass their own."""
+        stage = SYNTHESIS_PARAMS if source == "synthesis" else EPISODE_PARAMS
         return cls(
             step_limit=params.env.step_limit_for,
             max_observation_chars=params.agent.max_observation_chars,
             max_new_tokens=params.student.generation.max_new_tokens,
             max_corrections=params.synthesis.max_corrections,
             source=source,
-            params_hash=params_hash or params.section_hash(*sections),
+            params_hash=params_hash or params.section_hash(*stage.keys(params)),
         )
 
 

@@ -1,8 +1,8 @@
 """The `evaluate` stage: every agent on the same test (and dev) instances, greedy.
 
-Agents: `base` (the untrained student model) and the LoRA adapters `init_sft`, `golden`,
-`step`, `step_nomask` on it. Each agent's episodes land in a resumable work log and are
-written to `data/eval/<agent>/<split>.jsonl`; metrics go to
+Agents (`stepflow.method.AGENTS`): `base` (the untrained student model) and the LoRA adapters
+`init_sft`, `golden`, `step`, `step_nomask` on it. Each agent's episodes land in a resumable
+work log and are written to `data/eval/<agent>/<split>.jsonl`; metrics go to
 `data/eval/<agent>/<split>.metrics.json` (full, with instances) and `metrics/<agent>.json`
 (flat figures per split, for `dvc metrics`).
 """
@@ -10,33 +10,27 @@ written to `data/eval/<agent>/<split>.jsonl`; metrics go to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
 
-from stepflow.config import AgentName, LLMConfig, Params
-from stepflow.episode import EPISODE_KEYS
+from stepflow import method
+from stepflow.config import LLMConfig, Params
 from stepflow.jsonl import atomic_write_json
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
+from stepflow.method import EVAL_DIR, EVALUATION_PARAMS, MANIFEST, WORK_ROOT
 from stepflow.metrics import AgentMetrics, agent_metrics
-from stepflow.prepare import WORK_ROOT
-from stepflow.protocols import protocol_keys
 from stepflow.provenance import adapter_digest
 from stepflow.shards import RolloutSpec, ShardMap, run_stage
 from stepflow.splits import load_manifest
 from stepflow.trajectory import read_trajectories, write_trajectories
 
-AGENTS: tuple[str, ...] = get_args(AgentName)
-EVALUATION_KEYS = (*EPISODE_KEYS, "evaluation.llm")
-
 
 def agent_adapter(params: Params, agent: str) -> Path | None:
     """The adapter directory of an agent (None for `base`)."""
-    if agent not in AGENTS:
-        raise ValueError(f"unknown agent {agent!r}; choose from {', '.join(AGENTS)}")
-    if agent == "base":
+    trained = method.agent(agent).variant
+    if trained is None:
         return None
-    path = Path(params.paths.models) / agent
-    if not (path / "adapter_config.json").is_file():
+    path = method.variant(trained).output_dir(params.paths.models)
+    if not (path / method.ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"{path}: adapter of agent {agent!r} missing (train it first)")
     return path
 
@@ -62,9 +56,7 @@ def evaluated_adapter(params: Params, agent: str) -> Path | None:
 
 def evaluation_digest(params: Params, agent: str) -> str:
     """Identity of an evaluation: the settings it reads and the agent's adapter content."""
-    digest = params.section_hash(
-        *EVALUATION_KEYS, *params.env.engine_keys(), *protocol_keys(params)
-    )
+    digest = params.section_hash(*EVALUATION_PARAMS.keys(params))
     adapter = evaluated_adapter(params, agent)
     if adapter is not None:
         digest += "-" + adapter_digest(adapter)
@@ -91,7 +83,7 @@ def current_evaluation(params: Params, agent: str) -> str | None:
 
 def eval_paths(params: Params, agent: str, split: str) -> tuple[Path, Path]:
     """(trajectories, full metrics) files of an agent's evaluation on a split."""
-    base = Path(params.paths.data) / "eval" / agent
+    base = Path(params.paths.data) / EVAL_DIR / agent
     return base / f"{split}.jsonl", base / f"{split}.metrics.json"
 
 
@@ -108,10 +100,10 @@ def evaluate_agent(
     """Evaluate one agent on one split; write its trajectories and metrics. With a
     `shard_map`, the episodes run in `scaleout.shards` shards (stepflow.shards)."""
     data_dir = Path(params.paths.data)
-    manifest = load_manifest(data_dir / "manifest.json")
+    manifest = load_manifest(data_dir / MANIFEST)
     instances = sorted(manifest.select(split))
     if not instances:
-        raise ValueError(f"split {split!r} of {data_dir / 'manifest.json'} has no instances")
+        raise ValueError(f"split {split!r} of {data_dir / MANIFEST} has no instances")
     digest = evaluation_digest(params, agent)
     student, adapter = with_adapter(
         greedy(evaluation_llm(params)), agent, evaluated_adapter(params, agent)

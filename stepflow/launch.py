@@ -60,7 +60,8 @@ def train_launched(
     work_root: Path | None = None,
 ):
     """Run `train_variant` under the configured launcher; return rank 0's `TrainResult`."""
-    from stepflow.training import WORK_ROOT, TrainResult
+    from stepflow.method import WORK_ROOT
+    from stepflow.training import TrainResult
 
     root = Path(work_root or WORK_ROOT).resolve()
     job_dir = root / f"launch-{variant}-{os.getpid()}"

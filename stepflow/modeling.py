@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from stepflow.embedded import resolve_model
+from stepflow.method import ADAPTER_CONFIG, MODEL_CARD
 
 if TYPE_CHECKING:
     import torch
@@ -136,9 +137,9 @@ def load_model(
 
 def adapter_base_model(adapter: str | Path) -> str | None:
     """The base model recorded in an adapter directory, if any."""
-    config = Path(adapter) / "adapter_config.json"
+    config = Path(adapter) / ADAPTER_CONFIG
     if not config.is_file():
-        raise FileNotFoundError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+        raise FileNotFoundError(f"{adapter}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     return json.loads(config.read_text()).get("base_model_name_or_path")
 
 
@@ -147,7 +148,7 @@ def attach_adapter(lm: PreTrainedModel, adapter: str | Path, expected_base: str 
     from peft import PeftModel
 
     recorded = adapter_base_model(adapter)
-    stepflow_card = Path(adapter) / "stepflow.json"
+    stepflow_card = Path(adapter) / MODEL_CARD
     if stepflow_card.is_file() and expected_base is not None:
         trained_on = json.loads(stepflow_card.read_text()).get("base_model")
         if trained_on is not None and trained_on != expected_base:

@@ -26,23 +26,22 @@ from stepflow.envs.base import TaskInstance
 from stepflow.golden import GoldReplay, ThoughtWriter, golden_thoughts, render_golden, replay_gold
 from stepflow.jsonl import atomic_write_json, read_records
 from stepflow.locking import holds_outputs
+from stepflow.method import (
+    EXAMPLES,
+    GOLDEN_D1,
+    GOLDEN_D2,
+    MANIFEST,
+    PREPARE_PARAMS,
+    PREPARE_STATS,
+    WORK_ROOT,
+)
 from stepflow.progress import progress_bar
 from stepflow.splits import Manifest, build_manifest, load_manifest, write_manifest
 from stepflow.trajectory import Provenance, Trajectory, TrajectoryLog, write_trajectories
 
 log = logging.getLogger(__name__)
 
-PREPARE_KEYS = (
-    "seed",
-    "env.name",
-    "env.task_types",
-    "env.simplification",
-    "splits",
-    "golden",
-    "agent",
-)
 EXAMPLE_CANDIDATES = 3
-WORK_ROOT = Path(".stepflow") / "work"
 
 
 @dataclass
@@ -70,10 +69,8 @@ class PrepareSummary:
 
 
 def prepare_hash(params: Params) -> str:
-    """Hash of every setting the prepare outputs depend on."""
-    keys = PREPARE_KEYS + params.env.engine_keys()
-    keys += ("teacher.llm",) if params.golden.thoughts == "teacher" else ()
-    return params.section_hash(*keys)
+    """Hash of every setting the prepare outputs depend on (`stepflow.method.PREPARE_PARAMS`)."""
+    return params.section_hash(*PREPARE_PARAMS.keys(params))
 
 
 # -- replays: a fresh simulator per instance -----------------------------------------------
@@ -173,7 +170,7 @@ def example_for(examples: dict[str, list[dict[str, str]]], instance: TaskInstanc
 
 def load_examples(data_dir: Path) -> dict[str, list[dict[str, str]]]:
     """The one-shot examples written by prepare ({} when there are none)."""
-    path = Path(data_dir) / "examples.json"
+    path = Path(data_dir) / EXAMPLES
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -258,7 +255,7 @@ def prepare(
     summary = _write_outputs(data_dir, manifest, replays, examples)
     summary.replayed, summary.resumed, summary.workers = replayed, resumed, workers
     summary.seconds = time.perf_counter() - started
-    atomic_write_json(data_dir / "prepare_stats.json", summary.as_dict())
+    atomic_write_json(data_dir / PREPARE_STATS, summary.as_dict())
     return summary
 
 
@@ -282,10 +279,10 @@ def _write_outputs(
             )
     for key in dropped:
         log.warning("gold replay did not reach score 100 (within its step cap), dropped: %s", key)
-    write_manifest(data_dir / "manifest.json", manifest)
-    write_trajectories(data_dir / "golden_d1.jsonl", by_split["u1"])
-    write_trajectories(data_dir / "golden_d2.jsonl", by_split["u2"])
-    atomic_write_json(data_dir / "examples.json", examples)
+    write_manifest(data_dir / MANIFEST, manifest)
+    write_trajectories(data_dir / GOLDEN_D1, by_split["u1"])
+    write_trajectories(data_dir / GOLDEN_D2, by_split["u2"])
+    atomic_write_json(data_dir / EXAMPLES, examples)
     counts = Counter(entry.split for entry in manifest.instances)
     lengths = path_lengths([replays[i.key] for i in manifest.select("u1", "u2")])
     return PrepareSummary(
@@ -300,7 +297,7 @@ def _write_outputs(
 def load_prepared(data_dir: Path) -> tuple[Manifest, list[Trajectory], list[Trajectory]]:
     """Manifest, D1 and D2 of a prepared data directory."""
     data_dir = Path(data_dir)
-    manifest = load_manifest(data_dir / "manifest.json")
-    d1 = list(read_records(data_dir / "golden_d1.jsonl", Trajectory))
-    d2 = list(read_records(data_dir / "golden_d2.jsonl", Trajectory))
+    manifest = load_manifest(data_dir / MANIFEST)
+    d1 = list(read_records(data_dir / GOLDEN_D1, Trajectory))
+    d2 = list(read_records(data_dir / GOLDEN_D2, Trajectory))
     return manifest, d1, d2

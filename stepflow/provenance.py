@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from stepflow import __version__
+from stepflow.method import MODEL_CARD
 
 
 @functools.cache
@@ -75,7 +76,7 @@ GENERATION_MARGIN = 16
 
 def trained_turn_tokens(adapter: str | Path) -> int | None:
     """The longest trained assistant turn (tokens) an adapter's model card records, if any."""
-    card = Path(adapter) / "stepflow.json"
+    card = Path(adapter) / MODEL_CARD
     if not card.is_file():
         return None
     data = json.loads(card.read_text())

@@ -12,16 +12,11 @@ from stepflow.config import Params
 from stepflow.evaluation import load_agent_metrics
 from stepflow.jsonl import atomic_write_bytes, atomic_write_text
 from stepflow.locking import holds_outputs
+from stepflow.method import AGENTS, MODEL_CARD, PER_TASK, RESULTS, SYNTHESIS_STATS, VARIANTS
 from stepflow.metrics import AgentMetrics, Interval
 from stepflow.protocols import DESCRIPTIONS as PROTOCOL_DESCRIPTIONS
 
-AGENT_LABELS = {
-    "base": "base model (untrained)",
-    "init_sft": "base agent (SFT on D1)",
-    "golden": "golden (SFT on D1 + golden D2)",
-    "step": "STeP (D1 + reflected, partial masking)",
-    "step_nomask": "STeP, no masking (ablation)",
-}
+AGENT_LABELS = {name: agent.label for name, agent in AGENTS.items()}
 
 
 @dataclass
@@ -39,8 +34,12 @@ def _ci(interval: Interval) -> str:
 
 
 def training_size(params: Params, agent: str) -> int | None:
-    """How many trajectories an agent's adapter was trained on (from its stepflow.json)."""
-    card = Path(params.paths.models) / agent / "stepflow.json"
+    """How many trajectories an agent's adapter was trained on (from its model card; None for
+    the untrained model)."""
+    trained = AGENTS[agent].variant
+    if trained is None:
+        return None
+    card = VARIANTS[trained].output_dir(params.paths.models) / MODEL_CARD
     if not card.is_file():
         return None
     data = json.loads(card.read_text())
@@ -184,8 +183,7 @@ def plot_reward_vs_data(results: dict[str, AgentMetrics], params: Params, split:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for agent, metrics in results.items():
-        size = training_size(params, agent)
-        size = 0 if agent == "base" else size
+        size = 0 if AGENTS[agent].variant is None else training_size(params, agent)
         if size is None:
             continue
         o = metrics.overall.reward
@@ -254,7 +252,7 @@ def build_report(params: Params) -> Report:
         ):
             atomic_write_bytes(out / name, data)
             files.append(out / name)
-    synthesis = Path(params.paths.data) / "synthesis_stats.json"
+    synthesis = Path(params.paths.data) / SYNTHESIS_STATS
     if synthesis.is_file():
         stats = json.loads(synthesis.read_text())
         sections += [
@@ -277,13 +275,13 @@ def build_report(params: Params) -> Report:
         f"limits, the same instances for every agent."
     )
     markdown = "\n".join(sections) + "\n"
-    atomic_write_text(out / "results.md", markdown)
+    atomic_write_text(out / RESULTS, markdown)
     buffer = io.StringIO()
     writer = csv.DictWriter(
         buffer, fieldnames=["split", "agent", "task", "reward", "success", "episodes"]
     )
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "per_task.csv", buffer.getvalue())
-    files = [out / "results.md", out / "per_task.csv", *files]
+    atomic_write_text(out / PER_TASK, buffer.getvalue())
+    files = [out / RESULTS, out / PER_TASK, *files]
     return Report(markdown=markdown, files=files, table=table)

@@ -21,12 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from stepflow.config import Params
 from stepflow.envs.base import TaskInstance
 from stepflow.jsonl import DataError, atomic_write_text
+from stepflow.method import MANIFEST_PARAMS
 from stepflow.protocols import eto_variations
 from stepflow.trajectory import Split
 
 MANIFEST_VERSION = 1
-# The params.yaml keys the manifest depends on (plus the selected engine's own section)
-MANIFEST_KEYS = ("seed", "env.name", "env.task_types", "env.simplification", "splits")
 
 
 class SplitSource(Protocol):
@@ -118,6 +117,11 @@ def evaluation_variations(
     return source.variations(task, split)
 
 
+def manifest_hash(params: Params) -> str:
+    """Hash of the settings the manifest depends on (`stepflow.method.MANIFEST_PARAMS`)."""
+    return params.section_hash(*MANIFEST_PARAMS.keys(params))
+
+
 def build_manifest(source: SplitSource, params: Params) -> Manifest:
     """Draw the instances of every configured task type and assign U1/U2/dev/test."""
     known = set(source.task_types())
@@ -150,7 +154,7 @@ def build_manifest(source: SplitSource, params: Params) -> Manifest:
         env=source.name,
         simplification=params.env.simplification,
         seed=seed,
-        params_hash=params.section_hash(*MANIFEST_KEYS, *params.env.engine_keys()),
+        params_hash=manifest_hash(params),
         sources=_sources(source, params),
         instances=entries,
     )

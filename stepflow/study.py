@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from stepflow import method
 from stepflow.config import Params
 from stepflow.jsonl import atomic_write_json, atomic_write_text
+from stepflow.method import EXAMPLES, GOLDEN_D1, GOLDEN_D2, MANIFEST, MODEL_CARD, RESULTS
 from stepflow.metrics import Interval
 from stepflow.protocols import eto_variations, protocol_reward
 from stepflow.trajectory import Trajectory, read_trajectories
@@ -47,10 +49,10 @@ def prepared(params: Params) -> bool:
     from stepflow.prepare import prepare_hash
 
     data = Path(params.paths.data)
-    names = ("manifest.json", "golden_d1.jsonl", "golden_d2.jsonl", "examples.json")
+    names = (MANIFEST, GOLDEN_D1, GOLDEN_D2, EXAMPLES)
     if not all((data / name).is_file() for name in names):
         return False
-    first = next(iter(read_trajectories(data / "golden_d1.jsonl")), None)
+    first = next(iter(read_trajectories(data / GOLDEN_D1)), None)
     return first is not None and first.provenance.params_hash == prepare_hash(params)
 
 
@@ -59,7 +61,7 @@ def trained(params: Params, variant: str) -> bool:
     from stepflow.provenance import file_sha256
     from stepflow.training import run_key, variant_files
 
-    card = Path(params.paths.models) / variant / "stepflow.json"
+    card = method.variant(variant).output_dir(params.paths.models) / MODEL_CARD
     if not card.is_file():
         return False
     try:
@@ -72,7 +74,7 @@ def trained(params: Params, variant: str) -> bool:
 
 def reported(params: Params) -> bool:
     """Whether the seed's report exists and is newer than every agent's metrics."""
-    report = Path(params.paths.reports) / "results.md"
+    report = Path(params.paths.reports) / RESULTS
     metrics = [Path(params.paths.metrics) / f"{a}.json" for a in params.evaluation.agents]
     if not report.is_file():
         return False
@@ -226,7 +228,10 @@ def _eto_subset(trajectories: list[Trajectory], params: Params) -> list[Trajecto
 
 
 def _card(params: Params, agent: str) -> dict[str, Any]:
-    path = Path(params.paths.models) / agent / "stepflow.json"
+    trained = method.agent(agent).variant
+    if trained is None:
+        return {}
+    path = method.variant(trained).output_dir(params.paths.models) / MODEL_CARD
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

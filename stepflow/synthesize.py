@@ -21,17 +21,24 @@ from pathlib import Path
 from statistics import mean, quantiles
 
 from stepflow.config import Params
-from stepflow.episode import EPISODE_KEYS
 from stepflow.jsonl import atomic_write_json
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
-from stepflow.prepare import WORK_ROOT, load_prepared
+from stepflow.method import (
+    ADAPTER_CONFIG,
+    BASE_AGENT,
+    REFLECTED,
+    SYNTHESIS_PARAMS,
+    SYNTHESIS_STATS,
+    UNTRAINED,
+    WORK_ROOT,
+    variant,
+)
+from stepflow.prepare import load_prepared
 from stepflow.provenance import adapter_digest
 from stepflow.shards import RolloutSpec, ShardMap, run_stage
 from stepflow.teacher import TeacherStats
 from stepflow.trajectory import Trajectory, read_trajectories, write_trajectories
-
-SYNTHESIS_KEYS = (*EPISODE_KEYS, "teacher", "synthesis")
 
 
 @dataclass
@@ -86,8 +93,8 @@ def base_agent_adapter(params: Params) -> Path | None:
     it under the name `init_sft`)."""
     if adapters_preloaded(params.student):
         return None
-    path = Path(params.paths.models) / "init_sft"
-    if not (path / "adapter_config.json").is_file():
+    path = variant(BASE_AGENT).output_dir(params.paths.models)
+    if not (path / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"{path}: base agent adapter missing (run the init_sft stage)")
     return path
 
@@ -155,7 +162,7 @@ def _count_kind(trajectories: list[Trajectory], kind: str) -> int:
 
 def synthesis_digest(params: Params, adapter: Path | str | None) -> str:
     """Identity of a synthesis run: the settings it reads and the student's adapter content."""
-    digest = params.section_hash(*SYNTHESIS_KEYS, *params.env.engine_keys())
+    digest = params.section_hash(*SYNTHESIS_PARAMS.keys(params))
     if adapter is not None:
         digest += "-" + adapter_digest(adapter)
     return digest
@@ -165,7 +172,7 @@ def synthesis_current(params: Params) -> bool:
     """Whether `reflected.jsonl` and its stats exist and every kept trajectory came from a
     synthesis with exactly these settings and this init_sft adapter (none kept: False)."""
     data_dir = Path(params.paths.data)
-    reflected, stats = data_dir / "reflected.jsonl", data_dir / "synthesis_stats.json"
+    reflected, stats = data_dir / REFLECTED, data_dir / SYNTHESIS_STATS
     if not (reflected.is_file() and stats.is_file()):
         return False
     try:
@@ -180,7 +187,7 @@ def synthesis_current(params: Params) -> bool:
 def synthesize(
     params: Params,
     *,
-    adapter: Path | str | None = "init_sft",
+    adapter: Path | str | None = BASE_AGENT,
     show_progress: bool = True,
     work_root: Path = WORK_ROOT,
     shard_map: ShardMap | None = None,
@@ -193,11 +200,11 @@ def synthesize(
     references = {t.key: t for t in d2}
     u2 = manifest.select("u2")
     instances = [i for i in u2 if i.key in references]
-    adapter_path = base_agent_adapter(params) if adapter == "init_sft" else adapter
+    adapter_path = base_agent_adapter(params) if adapter == BASE_AGENT else adapter
     digest = synthesis_digest(params, adapter_path)
     work_log = Path(work_root) / f"synthesize-{digest}" / "episodes.jsonl"
 
-    agent = "init_sft" if adapter == "init_sft" else Path(adapter).name if adapter else "base"
+    agent = BASE_AGENT if adapter == BASE_AGENT else Path(adapter).name if adapter else UNTRAINED
     student, local_adapter = with_adapter(params.student, agent, adapter_path)
     spec = RolloutSpec(
         params=params,
@@ -222,7 +229,7 @@ def synthesize(
     episodes = [t for t in read_trajectories(work_log) if t.key in wanted]
     threshold, min_own = params.synthesis.keep_threshold, params.synthesis.min_own_steps
     keep = kept(episodes, threshold, min_own)
-    write_trajectories(data_dir / "reflected.jsonl", keep)
+    write_trajectories(data_dir / REFLECTED, keep)
     dropped_by = Counter(
         reason for t in episodes if (reason := drop_reason(t, threshold, min_own)) is not None
     )
@@ -267,5 +274,5 @@ def synthesize(
         reflection_token_share=reflection_token_share(keep, params),
         own_fraction=own_fraction_summary(keep),
     )
-    atomic_write_json(data_dir / "synthesis_stats.json", summary.as_dict())
+    atomic_write_json(data_dir / SYNTHESIS_STATS, summary.as_dict())
     return summary

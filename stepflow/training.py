@@ -31,10 +31,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -54,39 +52,15 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from stepflow.config import Params
+from stepflow import tracking
+from stepflow.config import Params, get_by_path, set_by_path
 from stepflow.jsonl import atomic_write_json, atomic_write_text
 from stepflow.masking import IGNORE_INDEX, MaskStats, build_examples
+from stepflow.method import MODEL_CARD, TRAINING_PARAMS, VARIANTS, WORK_ROOT
+from stepflow.method import variant as variant_spec
 from stepflow.modeling import compute_dtype, device, load_model, load_tokenizer, training_method
 from stepflow.provenance import code_version, file_sha256, utc_now
 from stepflow.trajectory import load_trajectories
-
-WORK_ROOT = Path(".stepflow/work")
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """The data files of a training variant and whether erroneous steps are masked."""
-
-    files: tuple[str, ...]
-    mask_erroneous: bool
-    description: str
-
-
-VARIANTS: dict[str, VariantSpec] = {
-    "init_sft": VariantSpec(("golden_d1.jsonl",), True, "base agent: SFT on golden D1"),
-    "golden": VariantSpec(
-        ("golden_d1.jsonl", "golden_d2.jsonl"), True, "SFT on all golden trajectories (D1+D2)"
-    ),
-    "step": VariantSpec(
-        ("golden_d1.jsonl", "reflected.jsonl"), True, "STeP: D1 + reflected, partial masking"
-    ),
-    "step_nomask": VariantSpec(
-        ("golden_d1.jsonl", "reflected.jsonl"),
-        False,
-        "ablation: D1 + reflected, erroneous steps trained",
-    ),
-}
 
 
 @dataclass
@@ -105,14 +79,6 @@ class TrainResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def variant_spec(variant: str) -> VariantSpec:
-    """The spec of a variant, or a clear error naming the known ones."""
-    try:
-        return VARIANTS[variant]
-    except KeyError:
-        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}") from None
-
-
 def variant_files(params: Params, variant: str) -> list[Path]:
     """The data files a variant trains on, checked to exist."""
     paths = [params.paths.data / name for name in variant_spec(variant).files]
@@ -122,25 +88,27 @@ def variant_files(params: Params, variant: str) -> list[Path]:
     return paths
 
 
-BOOKKEEPING_KEYS = {"save_steps", "logging_steps", "threads"}
-
-
 def run_key(params: Params, variant: str, data_hashes: dict[str, str]) -> str:
-    """A hash of everything that determines a training run's result (data, training params
-    except checkpoint and logging intervals and threads, base model, seed)."""
-    training = params.training.model_dump(mode="json", exclude=BOOKKEEPING_KEYS)
-    identity = {
+    """A hash of everything that determines a training run's result: the variant, its data
+    and the params keys of `stepflow.method.TRAINING_PARAMS` (training params except
+    checkpoint and logging intervals and threads, base model, seed; the agent's prompt
+    budget when rows are fitted to it)."""
+    declared = TRAINING_PARAMS
+    data = params.model_dump(mode="json")
+    identity: dict[str, Any] = {
         "variant": variant,
         "mask_erroneous": variant_spec(variant).mask_erroneous,
         "data": data_hashes,
-        "training": training,
-        "student": {"model": params.student.model, "dtype": params.student.dtype},
-        "seed": params.seed,
     }
-    if params.training.truncation == "elide":  # rows are fitted to the agent's prompt budget
+    for key in declared.digest:
+        set_by_path(identity, key, get_by_path(data, key))
+    for key in declared.excluded:
+        parent, _, name = key.rpartition(".")
+        get_by_path(identity, parent).pop(name)
+    budget = [key for key in declared.keys(params) if key in declared.conditional]
+    if budget:  # rows are fitted to the agent's prompt budget
         identity["prompt_budget"] = {
-            "max_context_tokens": params.agent.max_context_tokens,
-            "max_new_tokens": params.student.generation.max_new_tokens,
+            key.rpartition(".")[2]: get_by_path(data, key) for key in budget
         }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -230,24 +198,6 @@ class MeteredTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def log_to_active_run(metrics: dict[str, Any], step: int, prefix: str) -> None:
-    """Log the numeric values of `metrics` to the caller's active MLflow run, if any.
-
-    The caller owns run structure: nothing is logged when no run is active. mlflow is not
-    imported here: no run can be active in a process that never imported it.
-    """
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is None or mlflow.active_run() is None:
-        return
-    numeric = {
-        f"{prefix}{key}": float(value)
-        for key, value in metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    }
-    if numeric:
-        mlflow.log_metrics(numeric, step=step)
-
-
 class MlflowMetrics(TrainerCallback):
     """Send the trainer's logs to the caller's active MLflow run, if any."""
 
@@ -255,7 +205,7 @@ class MlflowMetrics(TrainerCallback):
         self.prefix = prefix
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        log_to_active_run(logs or {}, state.global_step, self.prefix)
+        tracking.log_to_active_run(logs or {}, state.global_step, self.prefix)
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:
@@ -417,7 +367,7 @@ erroneous student steps are {"context only (label -100)" if meta["mask_erroneous
 
 ## Training
 - steps {meta["global_step"]}, final loss {f"{loss:.4f}" if loss is not None else "n/a"}
-- seed {meta["seed"]}; training params are in `stepflow.json`.
+- seed {meta["seed"]}; training params are in `{MODEL_CARD}`.
 """
 
 
@@ -434,7 +384,7 @@ def _publish(model, tokenizer, out_dir: Path, meta: dict[str, Any], variant: str
         else:
             model.save_pretrained(tmp)
         atomic_write_text(tmp / "README.md", _model_card(variant, meta))
-        atomic_write_json(tmp / "stepflow.json", meta)
+        atomic_write_json(tmp / MODEL_CARD, meta)
         if out_dir.exists():
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
@@ -493,7 +443,7 @@ def train_variant(
     if not resume:
         shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    target = Path(out_dir or params.paths.models / variant)
+    target = Path(out_dir or spec.output_dir(params.paths.models))
     atomic_write_text(work_dir / TARGET_FILE, str(target.resolve()))
 
     tokenizer = load_tokenizer(params.student.model)
@@ -516,7 +466,7 @@ def train_variant(
         raise ValueError(f"variant {variant!r}: no trainable example in {[str(p) for p in files]}")
     if main_process():
         atomic_write_json(work_dir / "token_stats.json", stats.as_dict())
-        log_to_active_run(stats.as_dict(), step=0, prefix="data/")
+        tracking.log_to_active_run(stats.as_dict(), step=0, prefix="data/")
 
     model = _prepare_model(params)
     method = training_method(cfg.method)  # as resolved on this machine, for the card

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from stepflow import tracking
 from stepflow.config import Params
+from stepflow.method import GOLDEN_D1, GOLDEN_D2, REFLECTED
 from tasks.caching import EvaluationCache
 from tasks.retry import transient
 from tasks.scaleout import shard_map
@@ -42,8 +43,8 @@ def prepare_task(params: Params) -> dict[str, Any]:
 
     summary = prepare(params).as_dict()
     data = Path(params.paths.data)
-    for name in ("golden_d1", "golden_d2"):
-        tracking.log_dataset(data / f"{name}.jsonl", name, context="golden")
+    for name in (GOLDEN_D1, GOLDEN_D2):
+        tracking.log_dataset(data / name, Path(name).stem, context="golden")
     tracking.log_metrics(
         {
             "golden_d1": summary["kept"].get("u1", 0),
@@ -73,9 +74,7 @@ def prepare_task(params: Params) -> dict[str, Any]:
     cache_policy=NO_CACHE,
 )
 def train_task(params: Params, variant: str) -> dict[str, Any]:
-    """Fine-tune one variant (init_sft, golden, step, step_nomask); log its adapter."""
-    import mlflow
-
+    """Fine-tune one variant (`stepflow.method.VARIANTS`); log its adapter."""
     from stepflow.launch import train
     from stepflow.training import variant_files
 
@@ -89,7 +88,7 @@ def train_task(params: Params, variant: str) -> dict[str, Any]:
         "train_seconds": result.train_seconds,
     }
     tracking.log_metrics(figures)
-    mlflow.log_artifacts(str(result.output_dir), artifact_path=f"adapter/{variant}")
+    tracking.log_artifacts(result.output_dir, artifact_path=f"adapter/{variant}")
     _table(
         f"train-{variant.replace('_', '-')}",
         {**figures, **result.stats.as_dict()},
@@ -111,7 +110,8 @@ def synthesize_task(params: Params) -> dict[str, Any]:
     from stepflow.synthesize import synthesize
 
     summary = synthesize(params, shard_map=shard_map(params)).as_dict()
-    tracking.log_dataset(Path(params.paths.data) / "reflected.jsonl", "reflected", "synthesis")
+    reflected = Path(params.paths.data) / REFLECTED
+    tracking.log_dataset(reflected, reflected.stem, "synthesis")
     numeric = {k: v for k, v in summary.items() if isinstance(v, int | float)}
     for group in ("dropped_by", "own_fraction"):
         numeric.update({f"{group}_{k}": v for k, v in summary[group].items()})
@@ -155,15 +155,13 @@ def mlflow_metric_name(split: str, name: str) -> str:
 
 def log_evaluation(params: Params, agent: str, figures: dict[str, dict[str, float]]) -> None:
     """Log an agent's evaluation (figures and files) to the active MLflow run."""
-    import mlflow
-
     from stepflow.evaluation import eval_paths
 
     for split, flat in figures.items():
         # 4 decimals: the UI shows 0.0583, not 0.058333333333333334
         tracking.log_metrics({mlflow_metric_name(split, k): round(v, 4) for k, v in flat.items()})
         for path in eval_paths(params, agent, split):
-            mlflow.log_artifact(str(path), artifact_path=f"evaluation/{agent}")
+            tracking.log_artifact(path, artifact_path=f"evaluation/{agent}")
     overall = {
         split: {k: flat[k] for k in ("reward", "success", "episodes")}
         for split, flat in figures.items()
@@ -179,14 +177,12 @@ def log_evaluation(params: Params, agent: str, figures: dict[str, dict[str, floa
 def report_task(params: Params) -> str:
     """The comparison table and plots; also shown in Prefect and MLflow (the results table and
     the plots go on the pipeline's parent run too)."""
-    import mlflow
-
     from stepflow.report import build_report
 
     report = build_report(params)
     for path in report.files:
-        mlflow.log_artifact(str(path), artifact_path="report")
-    tracking.log_results(mlflow.active_run().info.run_id, report.table, report.files)
+        tracking.log_artifact(path, artifact_path="report")
+    tracking.log_results(tracking.active_run_id(), report.table, report.files)
     create_markdown_artifact(
         key="step-results", markdown=report.markdown, description="STeP vs baselines"
     )

@@ -21,12 +21,14 @@ STAGES = {
     "prepare",
     "init_sft",
     "synthesize",
-    "train_golden",
-    "train_step",
-    "train_step_nomask",
+    "train@golden",
+    "train@step",
+    "train@step_nomask",
     "evaluate",
     "report",
 }
+# the MLflow (and Prefect flow) run of each stage: DVC's `train@<variant>` runs as `train_<variant>`
+STAGE_RUNS = {stage.replace("@", "_") for stage in STAGES}
 TINY = {
     "env.task_types": ["find-non-living-thing"],
     "env.step_limit": 4,
@@ -267,7 +269,7 @@ def test_mlflow_ui_compares_the_agents(first_repro, tmp_path) -> None:
         }
         agents = ["base", "init_sft", "golden", "step", "step_nomask"]
         # one run per stage, the evaluate stage as one run per agent
-        assert set(children) == STAGES - {"evaluate"} | {f"evaluate_{a}" for a in agents}
+        assert set(children) == STAGE_RUNS - {"evaluate"} | {f"evaluate_{a}" for a in agents}
         assert len(runs) == 1 + len(children)  # nothing outside the pipeline run
         for agent in agents:
             metrics = children[f"evaluate_{agent}"]["metrics"]

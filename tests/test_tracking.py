@@ -224,3 +224,41 @@ def test_evaluation_metric_names_keep_the_headline_figures_together() -> None:
         "test/success_ci_high",
         "test/success_ci_low",
     ]
+
+
+def test_a_stage_records_files_and_figures_on_its_run(
+    store, workspace, params_file, tmp_path
+) -> None:
+    """What the stage tasks record goes through `stepflow.tracking` onto the active run: files
+    and directories under their artifact paths, the trainer's finite numeric figures with
+    their step; a run is found again by id or name."""
+    from mlflow import MlflowClient
+
+    params = load_params(params_file, workspace)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    report = tmp_path / "results.md"
+    report.write_text("# results\n")
+    tracking.log_to_active_run({"loss": 1.0}, step=1, prefix="train/")  # no run: nothing
+    with tracking.stage_run(params, "train_step") as run:
+        assert tracking.active_run_id() == run.info.run_id
+        tracking.log_artifacts(adapter, artifact_path="adapter/step")
+        tracking.log_artifact(report, artifact_path="report")
+        figures = {"loss": 0.5, "epoch": 1, "done": True, "grad": float("nan"), "note": "x"}
+        tracking.log_to_active_run(figures, step=3, prefix="train/")
+    client = MlflowClient()
+    paths = {a.path for a in client.list_artifacts(run.info.run_id, "adapter/step")}
+    assert paths == {"adapter/step/adapter_config.json"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == [
+        "report/results.md"
+    ]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.value, m.step) for m in history] == [(0.5, 3)]
+    assert set(client.get_run(run.info.run_id).data.metrics) == {"train/loss", "train/epoch"}
+    assert tracking.find_run(run.info.run_id).info.run_id == run.info.run_id
+    assert tracking.find_run(run.info.run_name).info.run_id == run.info.run_id
+    with pytest.raises(LookupError, match="no MLflow run"):
+        tracking.find_run("no such run")
+    with pytest.raises(RuntimeError, match="no active MLflow run"):
+        tracking.active_run_id()

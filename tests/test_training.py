@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from stepflow.config import load_params
 from stepflow.masking import build_examples
+from stepflow.method import VARIANTS
 from stepflow.modeling import (
     cpu_has_native_bf16,
     device,
@@ -20,7 +21,6 @@ from stepflow.modeling import (
     training_method,
 )
 from stepflow.training import (
-    VARIANTS,
     _training_args,
     batch_collator,
     last_checkpoint,

@@ -13,6 +13,7 @@ from pathlib import Path
 from stepflow.config import EndpointConfig, LLMConfig
 from stepflow.llm.base import BackendError
 from stepflow.llm.endpoint import api_key_from_env
+from stepflow.method import ADAPTER_CONFIG, UNTRAINED
 from stepflow.provenance import (
     GENERATION_MARGIN,
     adapter_digest,
@@ -41,8 +42,8 @@ def load_adapter(
     already loaded under this name is fine. The servers must run with
     VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
     path = Path(adapter).resolve()
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no adapter_config.json)")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     for base_url in endpoint.urls:
         _load_into(base_url, endpoint, name, path, timeout_s)
 
@@ -111,7 +112,7 @@ def with_adapter(
     for the adapter's trained turns is warned about (`warn_short_generation`).
     """
     warn_short_generation(student, agent, adapter)
-    if student.backend == "local" or agent == "base":
+    if student.backend == "local" or agent == UNTRAINED:
         return student, adapter
     endpoint = student.endpoint
     assert endpoint is not None

@@ -123,12 +123,6 @@ def evaluation_step_limit(params: Params) -> Callable[[str], int]:
     return params.env.step_limit_for
 
 
-def protocol_keys(params: Params) -> tuple[str, ...]:
-    """The params keys an evaluation reads for its protocol (none for the default, so
-    that existing evaluations keep their identity)."""
-    return ("evaluation.protocol",) if params.evaluation.protocol != "stepflow" else ()
-
-
 def protocol_reward(trajectory: Trajectory, protocol: str) -> float:
     """An episode's reward under a protocol, in [0, 1]."""
     if protocol == "stepflow" or trajectory.env != "scienceworld":
