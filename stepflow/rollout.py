@@ -31,6 +31,7 @@ from stepflow.llm.base import ChatBackend
 from stepflow.progress import progress_bar
 from stepflow.protocols import evaluation_step_limit
 from stepflow.review import Reviewer
+from stepflow.threads import torch_threads
 from stepflow.trajectory import Trajectory, TrajectoryLog
 
 if TYPE_CHECKING:
@@ -339,4 +340,5 @@ def run_rollout(
             if cleanup is not None:
                 await cleanup()
 
-    return asyncio.run(main())
+    with torch_threads(params.rollout.threads):
+        return asyncio.run(main())

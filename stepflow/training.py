@@ -35,8 +35,6 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +58,7 @@ from stepflow.method import MODEL_CARD, TRAINING_PARAMS, VARIANTS, WORK_ROOT
 from stepflow.method import variant as variant_spec
 from stepflow.modeling import compute_dtype, device, load_model, load_tokenizer, training_method
 from stepflow.provenance import code_version, file_sha256, utc_now
+from stepflow.threads import torch_threads
 from stepflow.trajectory import load_trajectories
 
 
@@ -277,22 +276,6 @@ def ddp_backend(params: Params) -> str | None:
     if chosen != "auto":
         return chosen
     return "nccl" if device() == "cuda" else "gloo"
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run torch on `threads` threads inside the block (None: leave them as they are).
-
-    On a CPU shared with other processes, one thread is the fast setting: two OpenMP threads
-    wait for each other at every op whenever another process holds a core.
-    """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _training_args(params: Params, checkpoints: Path) -> TrainingArguments:

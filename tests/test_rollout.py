@@ -192,3 +192,27 @@ def test_official_split_labels() -> None:
     with OfficialSplitLabels(ScienceWorldEnv) as label:
         chosen = select_instances("scienceworld", task=TASK, variations=picks, label=label)
     assert [i.split for i in chosen] == ["train", "test"]
+
+
+def test_rollouts_run_torch_on_the_configured_threads(tmp_path) -> None:
+    import torch
+
+    from stepflow.config import load_params
+    from stepflow.rollout import run_rollout
+    from tests.conftest import REPO
+
+    seen: list[int] = []
+
+    async def cleanup() -> None:  # awaited inside the rollout's event loop
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for threads, expected in ((1, 1), (None, 2)):
+            params = load_params(REPO / "params.yaml", {"rollout.threads": threads})
+            run_rollout(params, [], tmp_path / f"{threads}.jsonl", cleanup=cleanup, progress=False)
+            assert seen[-1] == expected
+            assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
