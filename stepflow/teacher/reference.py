@@ -48,11 +48,13 @@ _WAIT = re.compile(r"^wait\d*$")
 
 @dataclass(frozen=True)
 class GoldStep:
-    """One step of the reference trajectory; `score` is the score after it (None: unknown)."""
+    """One step of the reference trajectory; `score` is the score after it, `place` where the
+    reference took it (None: unknown)."""
 
     thought: str | None
     action: str
     score: float | None = None
+    place: str | None = None
 
 
 def normalise(action: str) -> str:
@@ -63,25 +65,39 @@ def normalise(action: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _score_after(turns: list[Turn], index: int) -> float | None:
+    """The score the observation following turn `index` holds (None: none recorded)."""
+    following = turns[index + 1] if index + 1 < len(turns) else None
+    return following.score if following is not None and following.role == "user" else None
+
+
 def _steps_with_scores(turns: list[Turn]) -> list[tuple[Turn, float | None]]:
     """Assistant turns with an executed action, each with the score its observation holds."""
-    pairs = []
-    for index, turn in enumerate(turns):
-        if turn.role != "assistant" or turn.action is None:
-            continue
-        following = turns[index + 1] if index + 1 < len(turns) else None
-        score = following.score if following is not None and following.role == "user" else None
-        pairs.append((turn, score))
-    return pairs
+    return [
+        (turn, _score_after(turns, index))
+        for index, turn in enumerate(turns)
+        if turn.role == "assistant" and turn.action is not None
+    ]
+
+
+def _place(env: str, text: str) -> str | None:
+    """Where an observation (or a turn ending with one) says the agent is (None: it does not
+    say)."""
+    _, marker, observation = text.rpartition(OBSERVATION_PREFIX)
+    return location(env, observation if marker else text)
 
 
 def gold_steps(reference: Trajectory) -> list[GoldStep]:
-    """The reference's steps (thought, action, score after it) in order."""
-    return [
-        GoldStep(parse_step(turn.content).thought, turn.action, score)
-        for turn, score in _steps_with_scores(reference.turns)
-        if turn.kind != "erroneous_step" and turn.action is not None
-    ]
+    """The reference's steps (thought, action, score after it, place) in order."""
+    steps: list[GoldStep] = []
+    here: str | None = None
+    for index, turn in enumerate(reference.turns):
+        if turn.role == "user":
+            here = _place(reference.env, turn.content) or here
+        elif turn.action is not None and turn.kind != "erroneous_step":
+            thought = parse_step(turn.content).thought
+            steps.append(GoldStep(thought, turn.action, _score_after(reference.turns, index), here))
+    return steps
 
 
 def start_score(turns: list[Turn]) -> float | None:
@@ -89,45 +105,20 @@ def start_score(turns: list[Turn]) -> float | None:
     return next((t.score for t in turns if t.kind == "instruction"), None)
 
 
-def _place(env: str, turn: Turn) -> str | None:
-    """Where a user turn's observation says the agent is (None: it does not say)."""
-    if turn.role != "user":
-        return None
-    _, marker, observation = turn.content.rpartition(OBSERVATION_PREFIX)
-    return location(env, observation if marker else turn.content)
-
-
-def gold_places(env: str, reference: Trajectory) -> list[str | None]:
-    """Where the reference was when it took each of its steps (`gold_steps` order)."""
-    places: list[str | None] = []
-    here: str | None = None
-    for turn in reference.turns:
-        if turn.role == "user":
-            here = _place(env, turn) or here
-        elif turn.kind != "erroneous_step" and turn.action is not None:
-            places.append(here)
-    return places
-
-
 def current_place(env: str, history: list[Turn], observation: str) -> str | None:
     """Where the student is after its latest step (its observation, else the history's)."""
-    latest = _place(env, Turn(role="user", kind="observation", content=observation))
-    if latest is not None:
-        return latest
-    return next((p for t in reversed(history) if (p := _place(env, t)) is not None), None)
+    told = (_place(env, t.content) for t in reversed(history) if t.role == "user")
+    return _place(env, observation) or next((p for p in told if p is not None), None)
 
 
-def correction_index(
-    gold: list[GoldStep], places: list[str | None], position: int, here: str | None
-) -> int:
+def correction_index(gold: list[GoldStep], position: int, here: str | None) -> int:
     """The reference step to propose: the next one (`position`), or, when the reference took
     it in another place than the student's, the reference's last move to that place."""
-    needed = places[position] if position < len(places) else None
+    needed = gold[position].place
     if here is None or needed is None or here == needed:
         return position
     for index in range(position - 1, -1, -1):
-        arrived = places[index + 1] if index + 1 < len(places) else None
-        if arrived == needed and places[index] != needed:
+        if gold[index + 1].place == needed and gold[index].place != needed:
             return index
     return position  # the reference never moved there: its start; nothing better to offer
 
@@ -239,9 +230,8 @@ class ReferenceTeacher:
             return Judgment.ok()
         if position >= len(alignment.gold):
             return Judgment(correct=False, reason=reason)  # nothing left to propose
-        places = gold_places(reference.env, reference)
         here = current_place(reference.env, facts.history, facts.observation)
-        target = alignment.gold[correction_index(alignment.gold, places, position, here)]
+        target = alignment.gold[correction_index(alignment.gold, position, here)]
         reflection = await self.reflect(facts, reason, target)
         return Judgment(
             correct=False,
