@@ -304,6 +304,11 @@ class RolloutConfig(Strict):
         "that a stage accepts, as a fraction of its episodes; above it the stage fails "
         "after finishing the others",
     )
+    threads: PositiveInt | None = Field(
+        default=1,
+        description="torch threads of the local student backend while episodes run "
+        "(simulators share the cores); null: torch's default (one per core)",
+    )
 
 
 class SynthesisConfig(Strict):

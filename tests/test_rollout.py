@@ -192,3 +192,30 @@ def test_official_split_labels() -> None:
     with OfficialSplitLabels(ScienceWorldEnv) as label:
         chosen = select_instances("scienceworld", task=TASK, variations=picks, label=label)
     assert [i.split for i in chosen] == ["train", "test"]
+
+
+def test_rollouts_run_torch_on_the_configured_threads(tmp_path, monkeypatch) -> None:
+    import torch
+
+    import stepflow.rollout.job as job_module
+    from stepflow.config import load_params
+    from stepflow.rollout.job import RolloutJob
+    from tests.conftest import REPO
+
+    seen: list[int] = []
+
+    async def spy(*args, **kwargs):  # the real engine, with torch's threads noted as it starts
+        seen.append(torch.get_num_threads())
+        return await rollout(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "rollout", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for threads, expected in ((1, 1), (None, 2)):
+            params = load_params(REPO / "params.yaml", {"rollout.threads": threads})
+            RolloutJob(params, (), tmp_path / f"{threads}.jsonl", progress=False).run()
+            assert seen[-1] == expected
+            assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(before)

@@ -61,7 +61,8 @@ DECISIONS = [
     (FIND, FIND_GOLD[:4], "focus on air", None),  # air is a non-living thing: the score rose
     (FIND, FIND_GOLD[:6], "move {thing} to blue box", ("invalid", "move {thing} to green box")),
     (FIND, FIND_GOLD[:6], "fly to the moon", ("invalid", "move {thing} to green box")),
-    (FIND, FIND_GOLD[:6], "go to hallway", ("no_progress", "move {thing} to green box")),
+    # the student left the room where the reference moves the thing: first back there
+    (FIND, FIND_GOLD[:6], "go to hallway", ("no_progress", "go to kitchen")),
     (FIND, FIND_GOLD[:6], "pick up {thing}", None),  # 75 -> 83, on the way to the box
     # short of the reference's next score: its step is still to do
     (
@@ -159,3 +160,61 @@ def test_reference_teacher_decision(simulator, references, instance, accepted, a
         assert (judgment.reason, judgment.action) == (reason, correction)
         assert judgment.thought == template_thought(correction)
         assert action in judgment.reflection and correction in judgment.reflection
+
+
+LIVING = TaskInstance("scienceworld", "find-living-thing", 114, "u2")
+
+
+def test_the_correction_is_the_move_back_when_the_student_left_the_references_room(simulator):
+    # find-living-thing 114, compressed: teleport to outside, look around, focus on THING,
+    # pick up THING, teleport to BOX_ROOM, move THING to the box. A student that goes
+    # straight to the box's room raises the score, so the reference's position passes the
+    # move outside; its next step (focus on THING) cannot run in the box's room.
+    replay = replay_gold(simulator, LIVING, compress=True)
+    assert replay.success
+    thoughts = [template_thought(a) for a in replay.actions]
+    reference = render_golden(replay, thoughts, None, Provenance(source="golden"))
+    gold = [t.action for t in reference.assistant_turns()]
+    assert gold[0] == "teleport to outside" and gold[2].startswith("focus on"), gold
+    assert gold[4].startswith("teleport to") and gold[4] != gold[0], gold
+
+    facts = _facts(simulator, LIVING, [gold[4]], "look around")
+    assert facts.score == facts.previous_score > 0 and facts.valid
+    judgment = asyncio.run(ReferenceTeacher().judge(facts, reference))
+    assert (judgment.reason, judgment.action) == ("no_progress", "teleport to outside")
+    assert judgment.thought == template_thought("teleport to outside")
+
+    # the correction runs where the student is; the reference's focus is valid after it and
+    # is what the teacher proposes next
+    moved = simulator.step(judgment.action)
+    assert moved.valid and not moved.failed
+    history = [
+        *facts.history,
+        Turn(role="assistant", kind="erroneous_step", loss=False, content="", action="look around"),
+        Turn(role="user", kind="observation", content=facts.observation, score=facts.score),
+        Turn(role="assistant", kind="reflection", loss=True, content="", action=judgment.action),
+        Turn(
+            role="user",
+            kind="observation",
+            content=format_observation(moved.observation),
+            score=moved.score,
+        ),
+    ]
+    waited = simulator.step("look around")
+    then = StepFacts(
+        instance=LIVING,
+        instruction=facts.instruction,
+        history=history,
+        thought=None,
+        action="look around",
+        observation=format_observation(waited.observation),
+        valid=waited.valid,
+        score=waited.score,
+        previous_score=moved.score,
+        failed=waited.failed,
+        done=waited.done,
+        step_index=3,
+    )
+    again = asyncio.run(ReferenceTeacher().judge(then, reference))
+    assert (again.reason, again.action) == ("no_progress", gold[2])
+    assert simulator.step(gold[2]).score > waited.score  # the focus runs here

@@ -10,6 +10,7 @@ __all__ = [
     "TaskInstance",
     "TextEnv",
     "canonical_wording",
+    "location",
     "make_env",
     "observation_only",
 ]
@@ -53,3 +54,14 @@ def canonical_wording(env: str, action: str) -> str:
 
         return alfworld_canonical_wording(action)
     return action
+
+
+def location(env: str, observation: str) -> str | None:
+    """Where an observation of environment `env` says the agent now is (None: it does not
+    say, or the environment has no such notion here). ScienceWorld: the room a move or a
+    `look around` names."""
+    if env == "scienceworld":
+        from stepflow.envs.scienceworld import location as scienceworld_location
+
+        return scienceworld_location(observation)
+    return None

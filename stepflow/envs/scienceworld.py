@@ -40,6 +40,18 @@ def observation_only(action: str) -> bool:
     return bool(_OBSERVATION_ONLY.match(" ".join(action.lower().split())))
 
 
+_LOCATION = re.compile(
+    r"^(?:You (?:teleport|move) to the (?P<moved>[^.\n]+)\."
+    r"|This (?:room|outside location) is called the (?P<seen>[^.\n]+)\.)"
+)
+
+
+def location(observation: str) -> str | None:
+    """The location an observation puts the agent in (a move, or a look around), if any."""
+    found = _LOCATION.match(observation.strip())
+    return (found["moved"] or found["seen"]).strip() if found else None
+
+
 def sorted_choices(observation: str) -> tuple[str, list[str] | None]:
     """An ambiguous-request observation with its options sorted and renumbered, and the
     options in the simulator's order (None when no option is listed)."""

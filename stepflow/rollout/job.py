@@ -22,6 +22,7 @@ from stepflow.config import LLMConfig, Params
 from stepflow.envs.base import TaskInstance
 from stepflow.rollout.engine import RolloutSummary, rollout
 from stepflow.rollout.episode import EpisodeSettings, Source
+from stepflow.threads import torch_threads
 
 if TYPE_CHECKING:
     from stepflow.rollout.review import JobReviewer, ReviewSetup
@@ -77,7 +78,8 @@ class RolloutJob:
             self.params, source=self.source, params_hash=self.params_hash
         )
         reviewer = self.review.start() if self.review is not None else None
-        summary = asyncio.run(self._run(settings, reviewer))
+        with torch_threads(self.params.rollout.threads):
+            summary = asyncio.run(self._run(settings, reviewer))
         if reviewer is not None:
             summary.teacher, summary.teacher_stats = reviewer.name, reviewer.stats
         return summary

@@ -12,9 +12,12 @@ The order of the checks:
    hallway`) matches only the next reference step; or a valid step that raised the score.
 3. Anything else made no progress where the reference would: wrong.
 
-The correction is the reference's next action with the reference's thought; the reflection
-is a deterministic template or, optionally, written by an LLM from the same facts. When the
-reference has no step left to propose, a wrong step gets no correction (the episode stops).
+The correction is the reference's next action with the reference's thought, executed where
+the student is: when the reference did that step somewhere else (ScienceWorld: another room)
+and the student's steps took it away from there, the correction is the reference's move to
+that place instead (its next step comes after). The reflection is a deterministic template
+or, optionally, written by an LLM from the same facts. When the reference has no step left
+to propose, a wrong step gets no correction (the episode stops).
 
 The position in the reference follows the accepted steps of the history: a matched step
 moves it past the matched reference step; a valid step that raised the score moves it past
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from stepflow.agent.parser import parse_step
 from stepflow.agent.prompts import OBSERVATION_PREFIX
 from stepflow.data.trajectory import Trajectory, Turn
-from stepflow.envs import canonical_wording, observation_only
+from stepflow.envs import canonical_wording, location, observation_only
 from stepflow.llm.base import ChatBackend
 from stepflow.teacher import templates
 from stepflow.teacher.base import Judgment, Reason, StepFacts, TeacherStats, clean_reflection
@@ -45,11 +48,13 @@ _WAIT = re.compile(r"^wait\d*$")
 
 @dataclass(frozen=True)
 class GoldStep:
-    """One step of the reference trajectory; `score` is the score after it (None: unknown)."""
+    """One step of the reference trajectory; `score` is the score after it, `place` where the
+    reference took it (None: unknown)."""
 
     thought: str | None
     action: str
     score: float | None = None
+    place: str | None = None
 
 
 def normalise(action: str) -> str:
@@ -60,30 +65,62 @@ def normalise(action: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _score_after(turns: list[Turn], index: int) -> float | None:
+    """The score the observation following turn `index` holds (None: none recorded)."""
+    following = turns[index + 1] if index + 1 < len(turns) else None
+    return following.score if following is not None and following.role == "user" else None
+
+
 def _steps_with_scores(turns: list[Turn]) -> list[tuple[Turn, float | None]]:
     """Assistant turns with an executed action, each with the score its observation holds."""
-    pairs = []
-    for index, turn in enumerate(turns):
-        if turn.role != "assistant" or turn.action is None:
-            continue
-        following = turns[index + 1] if index + 1 < len(turns) else None
-        score = following.score if following is not None and following.role == "user" else None
-        pairs.append((turn, score))
-    return pairs
+    return [
+        (turn, _score_after(turns, index))
+        for index, turn in enumerate(turns)
+        if turn.role == "assistant" and turn.action is not None
+    ]
+
+
+def _place(env: str, text: str) -> str | None:
+    """Where an observation (or a turn ending with one) says the agent is (None: it does not
+    say)."""
+    _, marker, observation = text.rpartition(OBSERVATION_PREFIX)
+    return location(env, observation if marker else text)
 
 
 def gold_steps(reference: Trajectory) -> list[GoldStep]:
-    """The reference's steps (thought, action, score after it) in order."""
-    return [
-        GoldStep(parse_step(turn.content).thought, turn.action, score)
-        for turn, score in _steps_with_scores(reference.turns)
-        if turn.kind != "erroneous_step" and turn.action is not None
-    ]
+    """The reference's steps (thought, action, score after it, place) in order."""
+    steps: list[GoldStep] = []
+    here: str | None = None
+    for index, turn in enumerate(reference.turns):
+        if turn.role == "user":
+            here = _place(reference.env, turn.content) or here
+        elif turn.action is not None and turn.kind != "erroneous_step":
+            thought = parse_step(turn.content).thought
+            steps.append(GoldStep(thought, turn.action, _score_after(reference.turns, index), here))
+    return steps
 
 
 def start_score(turns: list[Turn]) -> float | None:
     """The score before the first action (on the instruction turn), when recorded."""
     return next((t.score for t in turns if t.kind == "instruction"), None)
+
+
+def current_place(env: str, history: list[Turn], observation: str) -> str | None:
+    """Where the student is after its latest step (its observation, else the history's)."""
+    told = (_place(env, t.content) for t in reversed(history) if t.role == "user")
+    return _place(env, observation) or next((p for p in told if p is not None), None)
+
+
+def correction_index(gold: list[GoldStep], position: int, here: str | None) -> int:
+    """The reference step to propose: the next one (`position`), or, when the reference took
+    it in another place than the student's, the reference's last move to that place."""
+    needed = gold[position].place
+    if here is None or needed is None or here == needed:
+        return position
+    for index in range(position - 1, -1, -1):
+        if gold[index + 1].place == needed and gold[index].place != needed:
+            return index
+    return position  # the reference never moved there: its start; nothing better to offer
 
 
 def _generic(env: str, action: str) -> bool:
@@ -193,7 +230,8 @@ class ReferenceTeacher:
             return Judgment.ok()
         if position >= len(alignment.gold):
             return Judgment(correct=False, reason=reason)  # nothing left to propose
-        target = alignment.gold[position]
+        here = current_place(reference.env, facts.history, facts.observation)
+        target = alignment.gold[correction_index(alignment.gold, position, here)]
         reflection = await self.reflect(facts, reason, target)
         return Judgment(
             correct=False,

@@ -4,8 +4,6 @@ the device, dtypes and torch threads they run with, and the student prepared for
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -168,24 +166,6 @@ def attach_adapter(lm: PreTrainedModel, adapter: str | Path, expected_base: str 
             f"{adapter}: adapter does not fit base model {expected_base!r} "
             f"(adapter records {recorded!r}): {exc}"
         ) from exc
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run torch on `threads` threads inside the block (None: leave them as they are).
-
-    On a CPU shared with other processes, one thread is the fast setting: two OpenMP threads
-    wait for each other at every op whenever another process holds a core.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def prepare_for_training(params: Params):
