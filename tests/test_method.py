@@ -83,16 +83,17 @@ def test_a_training_stage_trains_its_variant(name: str) -> None:
 
 
 def test_evaluation_and_report_read_every_agent() -> None:
-    """The evaluate stage depends on every trained agent's adapter and writes every agent's
-    metrics; the report reads the same adapters."""
+    """The evaluate stage depends on every trained agent's adapter and writes the metrics
+    directory (one file per agent of `evaluation.agents`); the report reads the same adapters
+    and that directory."""
     stages = _expanded()
     adapters = {str(VARIANTS[a.variant].output_dir("models")) for a in AGENTS.values() if a.variant}
     assert adapters == {str(v.output_dir("models")) for v in VARIANTS.values()}
     evaluate = stages["evaluate"]
     assert {d for d in evaluate["deps"] if d.startswith("models/")} == adapters
     assert {d for d in stages["report"]["deps"] if d.startswith("models/")} == adapters
-    metrics = {next(iter(m)) for m in evaluate["metrics"]}
-    assert metrics == {f"metrics/{name}.json" for name in AGENTS}
+    assert [next(iter(m)) for m in evaluate["metrics"]] == ["metrics"]
+    assert "metrics" in stages["report"]["deps"]
 
 
 def test_every_stage_declares_its_params_once() -> None:
