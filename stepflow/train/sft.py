@@ -50,6 +50,7 @@ from stepflow.data.trajectory import load_trajectories
 from stepflow.method import WORK_ROOT
 from stepflow.method import variant as variant_spec
 from stepflow.provenance import code_version, file_sha256, utc_now
+from stepflow.threads import torch_threads
 from stepflow.train.card import publish
 from stepflow.train.distributed import ddp_backend, main_process
 from stepflow.train.examples import MaskStats, build_examples
@@ -60,7 +61,6 @@ from stepflow.train.modeling import (
     device,
     load_tokenizer,
     prepare_for_training,
-    torch_threads,
     training_method,
 )
 from stepflow.train.runs import (
