@@ -113,7 +113,8 @@ def test_evaluate_agents_on_the_same_instances(base_agent_workspace, monkeypatch
 def test_report_refuses_missing_agents(tmp_path, params_file, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     params = load_params(params_file)
-    with pytest.raises(FileNotFoundError, match="no evaluation of base"):
+    first = params.evaluation.agents[0]
+    with pytest.raises(FileNotFoundError, match=f"no evaluation of {first}"):
         build_report(params)
 
 
