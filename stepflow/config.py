@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from stepflow.method import AGENT_NAMES, STATE_DIR, AgentName
+from stepflow.method import AGENT_NAMES, HEADLINE_COMPARISON, STATE_DIR, AgentName
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -530,7 +530,7 @@ class StudyConfig(Strict):
         "use `training.threads` / one thread each, so 2 fill a 2-core CPU)",
     )
     compare: tuple[AgentName, AgentName] = Field(
-        default=("step", "golden"),
+        default=HEADLINE_COMPARISON,
         description="the pair whose paired difference (first - second) the summary gives",
     )
 
