@@ -398,6 +398,13 @@ def test_synthesize_stage_writes_kept_trajectories(base_agent_workspace, monkeyp
     assert (stats["reflection_token_share"] > 0) is (stats["reflection_turns"] > 0)
     assert stats["own_fraction"]["min"] <= stats["own_fraction"]["median"]
     assert sum(stats["dropped_by"].values()) == stats["dropped"]
+    assert [t.key for t in kept] == sorted(t.key for t in kept)
+    # the episodes finishing in another order (concurrent episodes finish as they are timed)
+    # give the same file: the training variants read it in order
+    (work_log,) = Path(".stepflow/work").glob("synthesize-*/episodes.jsonl")
+    lines = work_log.read_text().splitlines(keepends=True)
+    assert len(lines) == stats["episodes"] >= 2
+    work_log.write_text("".join(reversed(lines)))
     again = synthesize(params, show_progress=False)  # a rerun resumes: nothing new to run
     assert again.resumed == stats["episodes"]
     assert Path("data/reflected.jsonl").read_text() == "".join(

@@ -240,7 +240,11 @@ def synthesize(
     result.raise_for_errors("synthesis")
     result.raise_for_failures("synthesis", params.rollout.max_failed_fraction)
     wanted = {i.key for i in instances}
-    episodes = [t for t in read_trajectories(work_log) if t.key in wanted]
+    # in instance order, not the order episodes finished in: training reads the file in
+    # order, so the same seed trains the same adapters however the episodes were timed
+    episodes = sorted(
+        (t for t in read_trajectories(work_log) if t.key in wanted), key=lambda t: t.key
+    )
     threshold, min_own = params.synthesis.keep_threshold, params.synthesis.min_own_steps
     keep = kept(episodes, threshold, min_own)
     write_trajectories(data_dir / REFLECTED, keep)
