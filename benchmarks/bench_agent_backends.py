@@ -23,15 +23,15 @@ import time
 from pathlib import Path
 
 from stepflow.config import LLMConfig, Params, load_params
-from stepflow.evaluation import greedy
-from stepflow.jsonl import atomic_write_json
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.splits import load_manifest
+from stepflow.data.trajectory import read_trajectories
+from stepflow.evaluate.evaluation import greedy
 from stepflow.llm.served_adapters import with_adapter
+from stepflow.llm.serving import start_server, stop_server
 from stepflow.provenance import code_version, utc_now
-from stepflow.rollout import run_rollout
-from stepflow.serving import start_server, stop_server
-from stepflow.splits import load_manifest
-from stepflow.study import seed_overrides
-from stepflow.trajectory import read_trajectories
+from stepflow.rollout.job import RolloutJob
+from stepflow.study.seeds import seed_overrides
 
 try:
     from benchmarks.bench_matmul import machine, machine_load
@@ -108,16 +108,16 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 output = Path(tmp) / "episodes.jsonl"
                 started = time.perf_counter()
-                summary = run_rollout(
+                summary = RolloutJob(
                     params,
                     instances,
                     output,
-                    adapter=local_adapter,
                     student=student,
+                    adapter=local_adapter,
                     source="evaluation",
                     concurrency=concurrency,
                     progress=False,
-                )
+                ).run()
                 wall = time.perf_counter() - started
                 trajectories = list(read_trajectories(output))
         finally:

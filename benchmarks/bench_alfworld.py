@@ -27,6 +27,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from stepflow.config import ALFWORLD_TASK_TYPES, AlfworldConfig
+from stepflow.data.jsonl import atomic_write_json
 from stepflow.envs.alfworld import (
     AlfWorldEnv,
     data_root,
@@ -36,8 +37,7 @@ from stepflow.envs.alfworld import (
     unpack_games,
 )
 from stepflow.envs.base import TaskInstance
-from stepflow.jsonl import atomic_write_json
-from stepflow.protocols import ETO_STEP_CAPS, eto_alfworld_games
+from stepflow.evaluate.protocols import ETO_STEP_CAPS, eto_alfworld_games
 from stepflow.provenance import code_version, utc_now
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from stepflow.jsonl import atomic_write_json
-from stepflow.modeling import cpu_has_native_bf16, device
+from stepflow.data.jsonl import atomic_write_json
 from stepflow.provenance import code_version, utc_now
+from stepflow.train.modeling import cpu_has_native_bf16, device
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "matmul.json"

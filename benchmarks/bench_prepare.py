@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from stepflow.config import load_params
-from stepflow.jsonl import atomic_write_json
-from stepflow.prepare import prepare
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.prepare import prepare
 from stepflow.provenance import code_version, utc_now
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -42,16 +42,17 @@ import torch
 from stepflow.agent.context import prompt_fitter
 from stepflow.agent.prompts import opening_turns
 from stepflow.config import LLMConfig, Params, load_params
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.splits import load_manifest
+from stepflow.data.trajectory import read_trajectories
 from stepflow.envs import make_env
-from stepflow.jsonl import atomic_write_json
 from stepflow.llm import make_backend
 from stepflow.llm.local import FirstTokenClock, LocalBackend
+from stepflow.llm.serving import start_server, stop_server
 from stepflow.provenance import code_version, utc_now
-from stepflow.rollout import episode_settings, rollout
-from stepflow.serving import start_server, stop_server
-from stepflow.splits import load_manifest
-from stepflow.study import seed_overrides
-from stepflow.trajectory import read_trajectories
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import EpisodeSettings
+from stepflow.study.seeds import seed_overrides
 
 try:
     from benchmarks.bench_agent_backends import student_for
@@ -131,7 +132,7 @@ def profile_run(
     params: Params, instances: list, llm: LLMConfig, adapter: Path | None, concurrency: int
 ) -> dict:
     """One rollout of `instances`; its time per step by part, and the decode limit."""
-    settings = episode_settings(params, source="evaluation")
+    settings = EpisodeSettings.from_params(params, source="evaluation")
 
     async def main() -> dict:
         backend = make_backend(llm, adapter=adapter)

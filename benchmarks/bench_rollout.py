@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 from stepflow.config import GenerationConfig
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.trajectory import read_trajectories
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.episode import RolloutSettings
-from stepflow.jsonl import atomic_write_json
 from stepflow.llm.local import LocalBackend
 from stepflow.provenance import code_version, utc_now
-from stepflow.rollout import rollout
-from stepflow.trajectory import read_trajectories
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import EpisodeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rollout.json"
@@ -49,7 +49,7 @@ def run(
 ) -> dict:
     """Run episodes (fresh output file) and measure them."""
     instances = [TaskInstance("scienceworld", TASK, v, "train") for v in variations]
-    settings = RolloutSettings(step_limit=steps, max_observation_chars=max_observation_chars)
+    settings = EpisodeSettings(step_limit=steps, max_observation_chars=max_observation_chars)
     stats_before = dict(vars(backend.stats))
     with tempfile.TemporaryDirectory() as tmp:
         output = Path(tmp) / "episodes.jsonl"

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 from stepflow.config import load_params
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.trajectory import read_trajectories
 from stepflow.envs.base import TaskInstance
-from stepflow.jsonl import atomic_write_json
 from stepflow.provenance import code_version, utc_now
-from stepflow.shards import RolloutSpec, run_stage
-from stepflow.trajectory import read_trajectories
+from stepflow.rollout.job import RolloutJob
+from stepflow.rollout.shards import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "scaleout.json"
@@ -63,25 +64,13 @@ def main() -> None:
             },
         )
         with tempfile.TemporaryDirectory() as scratch:
-            spec = RolloutSpec(
-                params=params,
-                student=params.student,
-                adapter=None,
-                source="rollout",
-                params_hash="bench",
-                data_dir=Path(scratch),
-            )
             work_log = Path(scratch) / "episodes.jsonl"
+            job = RolloutJob(params, instances, work_log, params_hash="bench")
             started = time.perf_counter()
-            result = run_stage(
-                spec,
-                instances,
-                work_log,
-                shard_map=shard_map(params),
-            )
+            result = run_stage(job, shard_map=shard_map(params))
             seconds = time.perf_counter() - started
             episodes = list(read_trajectories(work_log))
-        assert len(episodes) == len(instances), result.summary.errors
+        assert len(episodes) == len(instances), result.errors
         steps = sum(t.num_steps for t in episodes)
         runs[str(workers)] = {
             "episodes": len(episodes),

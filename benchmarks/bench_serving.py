@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 
 from stepflow.config import EndpointConfig, GenerationConfig, ServingConfig
+from stepflow.data.jsonl import atomic_write_json
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.episode import RolloutSettings
-from stepflow.jsonl import atomic_write_json
 from stepflow.llm.base import ChatBackend
 from stepflow.llm.endpoint import OpenAIBackend
 from stepflow.llm.local import LocalBackend
+from stepflow.llm.serving import engine_requirement, running_server
 from stepflow.provenance import code_version, utc_now
-from stepflow.rollout import rollout
-from stepflow.serving import engine_requirement, running_server
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import EpisodeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 
 def run(
-    backend: ChatBackend, instances: list[TaskInstance], settings: RolloutSettings, workers: int
+    backend: ChatBackend, instances: list[TaskInstance], settings: EpisodeSettings, workers: int
 ) -> dict:
     """Run the episodes (fresh output file) and measure them."""
 
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    settings = RolloutSettings(
+    settings = EpisodeSettings(
         step_limit=args.steps, max_observation_chars=args.max_observation_chars
     )
     instances = [

@@ -1,7 +1,7 @@
 """Training throughput: tokens/s and fraction of the machine's matmul peak, per configuration.
 
 Each configuration trains the same short run (same data, seed and steps, so the same
-trajectories in the same order) through `stepflow.training.train_variant`; configurations
+trajectories in the same order) through `stepflow.train.sft.train_variant`; configurations
 are interleaved (A B C A B C ...) so that a shared machine's load falls on all of them alike,
 and each one's figure is the median over `--repeats`. The matmul peak of every dtype the
 configurations compute in (benchmarks/bench_matmul.py) is measured between rounds.
@@ -44,12 +44,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from stepflow import training
 from stepflow.config import load_params
-from stepflow.jsonl import atomic_write_json
-from stepflow.modeling import compute_dtype, training_method
+from stepflow.data.jsonl import atomic_write_json
+from stepflow.data.trajectory import Provenance, Trajectory, Turn, write_trajectories
 from stepflow.provenance import code_version, utc_now
-from stepflow.trajectory import Provenance, Trajectory, Turn, write_trajectories
+from stepflow.train import metering, sft
+from stepflow.train.modeling import compute_dtype, training_method
 
 try:
     from benchmarks.bench_matmul import machine, machine_load, peak_flops
@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 # configurations: overrides of params.yaml; FULL_LOGITS: the LM head on every position, as
-# before `stepflow.training.trained_logits_only`
+# before `stepflow.train.metering.trained_logits_only`
 FULL_LOGITS = "lm_head_on_all_positions"
 BEFORE = {  # the defaults before: QLoRA, gradient checkpointing, fp32 matmuls
     "training.method": "qlora",
@@ -207,10 +207,10 @@ class LogClock(TrainerCallback):
 
 def model_flops(params_path: Path) -> dict:
     """N, N_a and the model FLOPs per token of each method (see the module docstring)."""
-    from stepflow.training import _prepare_model
+    from stepflow.train.modeling import prepare_for_training
 
     params = load_params(params_path, {"training.method": "lora"})
-    model = _prepare_model(params)
+    model = prepare_for_training(params)
     base = model.get_base_model()
     n = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
     n -= sum(p.numel() for p in model.parameters() if p.requires_grad)  # LoRA's own Linears
@@ -229,12 +229,12 @@ def run(name: str, config: dict, common: dict, params_path: Path, workdir: Path)
     params = load_params(params_path, {**RUN, **overrides, **common})
     clock = LogClock()
     load_before = machine_load()
-    trim = training.trained_logits_only
+    trim = metering.trained_logits_only
     if config.get(FULL_LOGITS):
-        training.trained_logits_only = lambda inputs: inputs
+        metering.trained_logits_only = lambda inputs: inputs
     try:
         began = time.perf_counter()
-        result = training.train_variant(
+        result = sft.train_variant(
             params,
             "init_sft",
             work_root=workdir / "work",
@@ -244,7 +244,7 @@ def run(name: str, config: dict, common: dict, params_path: Path, workdir: Path)
         )
         wall = time.perf_counter() - began
     finally:
-        training.trained_logits_only = trim
+        metering.trained_logits_only = trim
     logs = [entry for entry in result.log_history if "tokens_per_second" in entry]
     seconds = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
     steps = params.training.max_steps
@@ -276,9 +276,9 @@ def attention_share(data: list[Trajectory], params_path: Path, flops_per_token: 
     trajectory of n tokens) over the counted model FLOPs, on this data."""
     from transformers import AutoConfig
 
-    from stepflow.embedded import resolve_model
-    from stepflow.masking import build_examples
-    from stepflow.modeling import load_tokenizer
+    from stepflow.llm.embedded import resolve_model
+    from stepflow.train.examples import build_examples
+    from stepflow.train.modeling import load_tokenizer
 
     params = load_params(params_path)
     config = AutoConfig.from_pretrained(resolve_model(params.student.model))

@@ -16,7 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stepflow import mlflow_ui, tracking  # noqa: E402
+from stepflow import tracking  # noqa: E402
+from stepflow.tracking import ui as mlflow_ui  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

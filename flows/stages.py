@@ -17,10 +17,12 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
-from stepflow import method, study, tracking
+from stepflow import method, tracking
 from stepflow.config import Params, load_params
-from stepflow.evaluation import current_evaluation
+from stepflow.evaluate.evaluation import current_evaluation
 from stepflow.method import BASE_AGENT, TRAIN_VARIANTS
+from stepflow.study import seeds as study_seeds
+from stepflow.study import summary as study_results
 from tasks.caching import cached_unless_stale
 from tasks.stages import (
     evaluate_task,
@@ -132,13 +134,17 @@ def step_pipeline(params_path: str = "params.yaml", overrides: Overrides = None)
 
 def _study_stages(params_path: str, overrides: dict[str, Any], run: Params) -> list[tuple]:
     """(name, done?, do) of one seed's stages, in pipeline order."""
-    from stepflow.synthesize import synthesis_current
+    from stepflow.teacher.synthesis import synthesis_current
 
     stages: list[tuple] = [
-        ("prepare", lambda: study.prepared(run), lambda: prepare_flow(params_path, overrides)),
+        (
+            "prepare",
+            lambda: study_seeds.prepared(run),
+            lambda: prepare_flow(params_path, overrides),
+        ),
         (
             method.variant(BASE_AGENT).stage,
-            lambda: study.trained(run, BASE_AGENT),
+            lambda: study_seeds.trained(run, BASE_AGENT),
             lambda: train_flow(BASE_AGENT, params_path, overrides),
         ),
         (
@@ -151,7 +157,7 @@ def _study_stages(params_path: str, overrides: dict[str, Any], run: Params) -> l
         stages.append(
             (
                 method.variant(variant).stage,
-                lambda v=variant: study.trained(run, v),
+                lambda v=variant: study_seeds.trained(run, v),
                 lambda v=variant: train_flow(v, params_path, overrides),
             )
         )
@@ -166,7 +172,7 @@ def _study_stages(params_path: str, overrides: dict[str, Any], run: Params) -> l
     stages.append(
         (
             "report",
-            lambda: study.reported(run),
+            lambda: study_seeds.reported(run),
             lambda: report_flow(params_path, overrides, end_pipeline=False),
         )
     )
@@ -184,11 +190,11 @@ def study_flow(
     """The study (stepflow.study): every seed's pipeline, skipping stages already done and
     starting none after `hours`; then the summary over the seeds with results."""
     params = load(params_path, overrides)
-    deadline = study.Deadline.after_hours(hours)
+    deadline = study_seeds.Deadline.after_hours(hours)
     for seed in seeds if seeds is not None else params.study.seeds:
-        seed_overrides = {**(overrides or {}), **study.seed_overrides(params, seed)}
+        seed_overrides = {**(overrides or {}), **study_seeds.seed_overrides(params, seed)}
         run = load(params_path, seed_overrides)
-        timings = study.Timings(study.seed_dir(params, seed) / study.TIMINGS)
+        timings = study_seeds.Timings(study_seeds.seed_dir(params, seed) / study_seeds.TIMINGS)
         stages = _study_stages(params_path, seed_overrides, run)
         if all(done() for _name, done, _do in stages):
             print(f"seed {seed}: every stage is done")
@@ -213,9 +219,9 @@ def study_summary(params_path: str = "params.study.yaml", overrides: Overrides =
     """Write the study's summary over every seed of `study.seeds` that has results."""
     params = load(params_path, overrides)
     runs = {
-        seed: load(params_path, {**(overrides or {}), **study.seed_overrides(params, seed)})
+        seed: load(params_path, {**(overrides or {}), **study_seeds.seed_overrides(params, seed)})
         for seed in params.study.seeds
     }
-    summary = study.write_summary(params, runs)
-    print(study.markdown(summary))
+    summary = study_results.write_summary(params, runs)
+    print(study_results.markdown(summary))
     return summary

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stepflow.config import PathsConfig
-from stepflow.embedded import cache_root
+from stepflow.llm.embedded import cache_root
 
 F = TypeVar("F", bound=Callable[..., Any])
 _HELD: dict[Path, int] = {}  # paths this process holds -> nesting depth

@@ -115,6 +115,8 @@ AGENTS: dict[str, Agent] = {
     )
 }
 AGENT_NAMES: tuple[str, ...] = tuple(AGENTS)
+# the method's claim: STeP against SFT on all golden data (paired difference first - second)
+HEADLINE_COMPARISON: tuple[str, str] = ("step", "golden")
 AgentName = Literal[AGENT_NAMES]  # type: ignore[valid-type]  # params.yaml's agent names
 
 

@@ -23,7 +23,7 @@ class EvaluationCache(CachePolicy):
     def compute_key(
         self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs
     ) -> str | None:
-        from stepflow.evaluation import evaluation_digest
+        from stepflow.evaluate.evaluation import evaluation_digest
 
         params, agent = inputs["params"], inputs["agent"]
         try:

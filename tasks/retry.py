@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stepflow.envs.base import EnvCrashed
 from stepflow.llm.base import BackendError
-from stepflow.rollout import EpisodeErrors
+from stepflow.rollout.engine import EpisodeErrors
 
 TRANSIENT = (EnvCrashed, BackendError, EpisodeErrors, ConnectionError, TimeoutError)
 

@@ -18,19 +18,21 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from stepflow.config import Params, ScaleoutConfig
 from stepflow.progress import progress_bar
-from stepflow.shards import ShardJob, ShardMap, ShardResult
+from stepflow.rollout.engine import RolloutSummary
+from stepflow.rollout.job import RolloutJob
+from stepflow.rollout.shards import ShardMap
 from tasks.retry import transient
 
 
 @task(
     name="rollout-shard",
-    task_run_name="{job.spec.source} {job.name}",
+    task_run_name="{job.source} {job.name}",
     retries=1,
     retry_delay_seconds=5,
     retry_condition_fn=transient,
     cache_policy=NO_CACHE,
 )
-def rollout_shard_task(job: ShardJob) -> ShardResult:
+def rollout_shard_task(job: RolloutJob) -> RolloutSummary:
     """Run one shard's episodes into its shard file (resumable)."""
     return job.run()
 
@@ -76,7 +78,7 @@ def task_runner(cfg: ScaleoutConfig) -> TaskRunner:
     return RayTaskRunner(init_kwargs=init)
 
 
-def run_on_task_runner(cfg: ScaleoutConfig, jobs: Sequence[ShardJob]) -> list[ShardResult]:
+def run_on_task_runner(cfg: ScaleoutConfig, jobs: Sequence[RolloutJob]) -> list[RolloutSummary]:
     """Run the shards as task runs on the configured runner; wait for all of them, then
     raise the first failure (the shards that finished are merged by the caller)."""
     with task_runner(cfg) as runner:

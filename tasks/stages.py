@@ -39,7 +39,7 @@ def _table(key: str, rows: dict[str, Any], description: str) -> None:
 )
 def prepare_task(params: Params) -> dict[str, Any]:
     """Manifest + verified golden trajectories D1/D2."""
-    from stepflow.prepare import prepare
+    from stepflow.data.prepare import prepare
 
     summary = prepare(params).as_dict()
     data = Path(params.paths.data)
@@ -75,8 +75,8 @@ def prepare_task(params: Params) -> dict[str, Any]:
 )
 def train_task(params: Params, variant: str) -> dict[str, Any]:
     """Fine-tune one variant (`stepflow.method.VARIANTS`); log its adapter."""
-    from stepflow.launch import train
-    from stepflow.training import variant_files
+    from stepflow.train.launch import train
+    from stepflow.train.runs import variant_files
 
     for path in variant_files(params, variant):
         tracking.log_dataset(path, path.stem, context="training")
@@ -107,7 +107,7 @@ def train_task(params: Params, variant: str) -> dict[str, Any]:
 def synthesize_task(params: Params) -> dict[str, Any]:
     """Self-reflected trajectories on U2 with the configured teacher (in shards on the
     `scaleout` task runner when configured)."""
-    from stepflow.synthesize import synthesize
+    from stepflow.teacher.synthesis import synthesize
 
     summary = synthesize(params, shard_map=shard_map(params)).as_dict()
     reflected = Path(params.paths.data) / REFLECTED
@@ -134,14 +134,9 @@ def evaluate_task(params: Params, agent: str) -> dict[str, dict[str, float]]:
     Cached across runs while its outputs are current (same settings, adapter and code): call
     it through `tasks.caching.cached_unless_stale`.
     """
-    from stepflow.evaluation import evaluate_agent, write_dvc_metrics
+    from stepflow.evaluate.evaluation import evaluate_splits
 
-    shards = shard_map(params)
-    results = {
-        split: evaluate_agent(params, agent, split, shard_map=shards)
-        for split in params.evaluation.splits
-    }
-    write_dvc_metrics(params, agent, results)
+    results = evaluate_splits(params, agent, shard_map=shard_map(params))
     return {split: metrics.flat() for split, metrics in results.items()}
 
 
@@ -155,7 +150,7 @@ def mlflow_metric_name(split: str, name: str) -> str:
 
 def log_evaluation(params: Params, agent: str, figures: dict[str, dict[str, float]]) -> None:
     """Log an agent's evaluation (figures and files) to the active MLflow run."""
-    from stepflow.evaluation import eval_paths
+    from stepflow.evaluate.evaluation import eval_paths
 
     for split, flat in figures.items():
         # 4 decimals: the UI shows 0.0583, not 0.058333333333333334
@@ -177,7 +172,7 @@ def log_evaluation(params: Params, agent: str, figures: dict[str, dict[str, floa
 def report_task(params: Params) -> str:
     """The comparison table and plots; also shown in Prefect and MLflow (the results table and
     the plots go on the pipeline's parent run too)."""
-    from stepflow.report import build_report
+    from stepflow.evaluate.report import build_report
 
     report = build_report(params)
     for path in report.files:

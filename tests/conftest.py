@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The materialised embedded SmolLM2 model directory."""
-    from stepflow.embedded import embedded_model_dir
+    from stepflow.llm.embedded import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -64,7 +64,7 @@ def embedded_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(embedded_dir):
     """The embedded model's tokenizer."""
-    from stepflow.modeling import load_tokenizer
+    from stepflow.train.modeling import load_tokenizer
 
     return load_tokenizer("embedded")
 
@@ -124,8 +124,8 @@ def base_agent_workspace(tmp_path_factory, embedded_dir) -> Path:
     """A directory with params.yaml (tiny overrides applied), prepared data and an
     `init_sft` adapter trained for a few steps on D1."""
     from stepflow.config import load_params
-    from stepflow.prepare import prepare
-    from stepflow.training import train_variant
+    from stepflow.data.prepare import prepare
+    from stepflow.train.sft import train_variant
 
     workspace = tmp_path_factory.mktemp("workspace")
     write_tiny_params(workspace)
@@ -140,10 +140,10 @@ def run_tiny_stages(workspace: Path, overrides: dict) -> dict:
     """prepare → init_sft (a few steps) → synthesize → evaluate init_sft on test, in
     `workspace` with params.yaml plus TINY_OVERRIDES and `overrides`; returns the outputs."""
     from stepflow.config import load_params
-    from stepflow.evaluation import evaluate_agent
-    from stepflow.prepare import prepare
-    from stepflow.synthesize import synthesize
-    from stepflow.training import train_variant
+    from stepflow.data.prepare import prepare
+    from stepflow.evaluate.evaluation import evaluate_agent
+    from stepflow.teacher.synthesis import synthesize
+    from stepflow.train.sft import train_variant
 
     write_tiny_params(workspace, {"training.max_steps": 2, **overrides})
     with inside(workspace):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stepflow.trajectory import Provenance, Trajectory, Turn
+from stepflow.data.trajectory import Provenance, Trajectory, Turn
 
 SYSTEM = (
     "You are a helpful agent that solves tasks in ScienceWorld, a text-based science "

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import ALFWORLD_TASK_TYPES, AlfworldConfig, ConfigError, EnvConfig, load_params
-from stepflow.convert import from_conversation, to_conversation
+from stepflow.data.convert import from_conversation, to_conversation
+from stepflow.data.golden import replay_gold
+from stepflow.data.splits import build_manifest
+from stepflow.data.trajectory import read_trajectories
 from stepflow.envs import make_env, observation_only
 from stepflow.envs.alfworld import AlfWorldEnv, data_root, game_id, resolve_command
 from stepflow.envs.base import TaskInstance
-from stepflow.golden import replay_gold
-from stepflow.protocols import eto_alfworld_games, evaluation_step_limit
-from stepflow.splits import build_manifest
-from stepflow.trajectory import read_trajectories
+from stepflow.evaluate.protocols import eto_alfworld_games, evaluation_step_limit
 from tests.alfworld_games import SHARED_DATA, real_games, write_dataset
 from tests.conftest import run_tiny_stages
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from stepflow.cli import app
+from flows.cli import app
 from stepflow.config import ConfigError, Params, load_params
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,12 +23,12 @@ from stepflow.agent.context import (
 )
 from stepflow.agent.prompts import render_example, to_messages, without_example
 from stepflow.config import load_params
+from stepflow.data.golden import GoldReplay, render_golden, template_thought
+from stepflow.data.trajectory import EpisodeStats, Provenance, Trajectory
 from stepflow.envs.base import TaskInstance
-from stepflow.golden import GoldReplay, render_golden, template_thought
-from stepflow.masking import build_examples, fit_for_training, training_view
 from stepflow.teacher.base import StepFacts, TeacherStats
 from stepflow.teacher.llm import judge_prompt
-from stepflow.trajectory import EpisodeStats, Provenance, Trajectory
+from stepflow.train.examples import build_examples, fit_for_training, training_view
 
 REPO = Path(__file__).resolve().parent.parent
 ROOMS = ["kitchen", "hallway", "workshop", "greenhouse", "bathroom", "art studio"]
@@ -273,15 +273,15 @@ class Recording:
 def test_episode_prompts_fit_the_agent_context(embedded_dir, counter) -> None:
     from stepflow.envs.aio import AsyncEnv
     from stepflow.envs.scienceworld import ScienceWorldEnv
-    from stepflow.episode import RolloutSettings, run_episode
     from stepflow.llm.local import LocalBackend
+    from stepflow.rollout.episode import EpisodeSettings, run_episode
 
     backend = Recording(LocalBackend("embedded"))
     instance = TaskInstance("scienceworld", "find-non-living-thing", 1, "train")
     # the opening prompt is ~330 tokens; each step adds ~60-130: prompts outgrow the budget
     # after 3-4 steps, and the last 2 steps always fit beside the opening
     budget = 560
-    settings = RolloutSettings(
+    settings = EpisodeSettings(
         step_limit=8,
         max_observation_chars=200,
         max_new_tokens=24,
@@ -319,8 +319,8 @@ def test_paper_params_fit_every_prompt_of_the_longest_golden_trajectory() -> Non
     template (teacher thoughts are one sentence as well), with a demonstration of the same
     task type, as prepare renders it.
     """
+    from stepflow.data.golden import replay_gold
     from stepflow.envs.scienceworld import ScienceWorldEnv
-    from stepflow.golden import replay_gold
 
     params = load_params(REPO / "params.paper.yaml")
     counter = CharEstimate()

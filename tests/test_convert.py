@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from stepflow.convert import export_conversations, from_conversation, import_conversations
-from stepflow.jsonl import DataError
-from stepflow.trajectory import Turn
+from stepflow.data.convert import export_conversations, from_conversation, import_conversations
+from stepflow.data.jsonl import DataError
+from stepflow.data.trajectory import Turn
 from tests.test_trajectory_io import make_trajectory
 
 

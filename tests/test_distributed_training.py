@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import load_params
-from stepflow.launch import launch_command, train
-from stepflow.trajectory import write_trajectories
+from stepflow.data.trajectory import write_trajectories
+from stepflow.train.launch import launch_command, train
 from tests.sample_trajectories import golden_find_non_living, golden_lifespan
 
 STEPS = 4
@@ -30,7 +30,7 @@ def test_launch_commands(params_file: Path) -> None:
         "--standalone",
         "--nproc-per-node=2",
         "-m",
-        "stepflow.launch",
+        "stepflow.train.launch",
         "job",
     ]
     params = load_params(
@@ -38,7 +38,7 @@ def test_launch_commands(params_file: Path) -> None:
     )
     accelerate = launch_command(params, Path("job"))
     assert accelerate[1:4] == ["launch", "--num_processes", "2"]
-    assert accelerate[-3:] == ["-m", "stepflow.launch", "job"]
+    assert accelerate[-3:] == ["-m", "stepflow.train.launch", "job"]
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepflow.embedded import EMBEDDED_DIRNAME, embedded_model_dir, resolve_model
-from stepflow.modeling import load_model, load_tokenizer
+from stepflow.llm.embedded import EMBEDDED_DIRNAME, embedded_model_dir, resolve_model
+from stepflow.train.modeling import load_model, load_tokenizer
 
 
 def test_embedded_dir_is_a_plain_safetensors_model(embedded_dir: Path) -> None:

@@ -8,13 +8,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stepflow.cli import app
+from flows.cli import app
 from stepflow.config import load_params
-from stepflow.evaluation import current_evaluation, eval_paths, evaluate_agent, write_dvc_metrics
-from stepflow.metrics import agent_metrics, bootstrap_interval
-from stepflow.report import build_report
-from stepflow.splits import load_manifest
-from stepflow.trajectory import EpisodeStats, read_trajectories
+from stepflow.data.splits import load_manifest
+from stepflow.data.trajectory import EpisodeStats, read_trajectories
+from stepflow.evaluate.evaluation import (
+    current_evaluation,
+    eval_paths,
+    evaluate_agent,
+    write_dvc_metrics,
+)
+from stepflow.evaluate.metrics import agent_metrics, bootstrap_interval
+from stepflow.evaluate.report import build_report
 from tests.test_trajectory_io import make_trajectory
 
 
@@ -108,7 +113,8 @@ def test_evaluate_agents_on_the_same_instances(base_agent_workspace, monkeypatch
 def test_report_refuses_missing_agents(tmp_path, params_file, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     params = load_params(params_file)
-    with pytest.raises(FileNotFoundError, match="no evaluation of base"):
+    first = params.evaluation.agents[0]
+    with pytest.raises(FileNotFoundError, match=f"no evaluation of {first}"):
         build_report(params)
 
 

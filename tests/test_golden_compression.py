@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import load_params
+from stepflow.data.golden import compress_gold, replay_gold, template_thought
+from stepflow.data.prepare import load_prepared, prepare
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.golden import compress_gold, replay_gold, template_thought
-from stepflow.prepare import load_prepared, prepare
 
 ENV = "scienceworld"
 NAVIGATION = ("open door to ", "go to ")

@@ -204,7 +204,7 @@ def test_lora_adapter_is_applied(tmp_path, embedded_dir) -> None:
     from peft import LoraConfig, get_peft_model
 
     from stepflow.config import LLMConfig
-    from stepflow.modeling import load_model
+    from stepflow.train.modeling import load_model
 
     base = load_model("embedded")
     lora = get_peft_model(

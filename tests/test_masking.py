@@ -1,6 +1,6 @@
 """Partial masking is exact at the token level, for ChatML and for other chat templates.
 
-The expected trained tokens are computed independently of stepflow.masking: the whole
+The expected trained tokens are computed independently of stepflow.train.masking: the whole
 conversation is rendered as text, each trained turn's content is located in it by string
 search, its span is extended to the end of the end-of-turn string that follows, and the
 expected tokens are those whose character offsets overlap such a span.
@@ -12,13 +12,9 @@ import copy
 
 import pytest
 
-from stepflow.masking import (
-    IGNORE_INDEX,
-    TemplateError,
-    build_examples,
-    tokenize_trajectory,
-)
-from stepflow.trajectory import Trajectory
+from stepflow.data.trajectory import Trajectory
+from stepflow.train.examples import build_examples
+from stepflow.train.masking import IGNORE_INDEX, TemplateError, tokenize_trajectory
 from tests.sample_trajectories import (
     golden_find_non_living,
     golden_lifespan,
@@ -238,8 +234,8 @@ def test_trailing_context_is_trimmed(tokenizer) -> None:
 def test_show_mask_cli(tmp_path, params_file) -> None:
     from typer.testing import CliRunner
 
-    from stepflow.cli import app
-    from stepflow.trajectory import write_trajectories
+    from flows.cli import app
+    from stepflow.data.trajectory import write_trajectories
 
     path = tmp_path / "reflected.jsonl"
     write_trajectories(path, [golden_lifespan(), reflected_find_non_living()])

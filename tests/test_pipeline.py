@@ -41,6 +41,7 @@ TINY = {
     "training.max_seq_len": 1024,
     "training.save_steps": 100,
     "evaluation.bootstrap_samples": 200,
+    "evaluation.agents": ["base", "init_sft", "golden", "step", "step_nomask"],  # base: opt-in
 }
 
 
@@ -125,7 +126,9 @@ def test_dvc_repro_end_to_end(project, first_repro) -> None:
         assert (root / path).is_file(), path
     for variant in ("init_sft", "golden", "step", "step_nomask"):
         assert (root / "models" / variant / "adapter_config.json").is_file()
-        assert (root / "metrics" / f"{variant}.json").is_file()
+    assert {p.name for p in (root / "metrics").iterdir()} == {
+        f"{agent}.json" for agent in TINY["evaluation.agents"]
+    }
     results = (root / "reports/results.md").read_text()
     for label in ("base model", "base agent", "golden (SFT", "STeP (D1", "no masking"):
         assert label in results
@@ -232,7 +235,8 @@ def test_mlflow_ui_compares_the_agents(first_repro, tmp_path) -> None:
 
     from mlflow import MlflowClient
 
-    from stepflow import mlflow_ui, tracking
+    from stepflow import tracking
+    from stepflow.tracking import ui as mlflow_ui
 
     _, store = first_repro
     # an experiment with no runs in the same store: the page check must fail on it

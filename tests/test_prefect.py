@@ -19,7 +19,7 @@ from uuid import UUID
 
 import pytest
 
-from stepflow.mlflow_ui import free_port
+from stepflow.tracking.ui import free_port
 from tests.conftest import inside, write_tiny_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,11 +119,11 @@ def test_prefect_retries_a_stage_task_after_a_transient_fault(
     the stage's outputs are written; a configuration error is failed at once, not retried."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    import stepflow.prepare
+    import stepflow.data.prepare
     from flows.stages import prepare_flow
     from stepflow.envs.base import EnvCrashed
 
-    real_prepare = stepflow.prepare.prepare
+    real_prepare = stepflow.data.prepare.prepare
     calls: list[str] = []
 
     def crashing_once(params, **kwargs):
@@ -141,9 +141,9 @@ def test_prefect_retries_a_stage_task_after_a_transient_fault(
         {"splits.train_per_task": 2, "splits.test_per_task": 1, "env.workers": 1},
     )
     with inside(tmp_path), temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-        monkeypatch.setattr(stepflow.prepare, "prepare", misconfigured)
+        monkeypatch.setattr(stepflow.data.prepare, "prepare", misconfigured)
         failed = prepare_flow("params.yaml", return_state=True)
-        monkeypatch.setattr(stepflow.prepare, "prepare", crashing_once)
+        monkeypatch.setattr(stepflow.data.prepare, "prepare", crashing_once)
         calls.clear()
         completed = prepare_flow("params.yaml", return_state=True)
 

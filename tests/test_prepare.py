@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import ConfigError, load_params
+from stepflow.data.prepare import load_examples, load_prepared, prepare, prepare_hash
+from stepflow.data.trajectory import read_trajectories
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.prepare import load_examples, load_prepared, prepare, prepare_hash
-from stepflow.trajectory import read_trajectories
 
 TASKS = "[find-non-living-thing, lifespan-longest-lived]"
 
@@ -110,7 +110,7 @@ def test_replays_short_of_full_score_are_dropped_and_reported(
         return _half_gold_path(actions) if self._instance.split == "u2" else actions
 
     monkeypatch.setattr(ScienceWorldEnv, "gold_actions", u2_cut_short)
-    with caplog.at_level("WARNING", logger="stepflow.prepare"):
+    with caplog.at_level("WARNING", logger="stepflow.data.prepare"):
         summary = prepare(params, show_progress=False)
 
     manifest, d1, d2 = load_prepared(Path("data"))
@@ -151,7 +151,7 @@ def test_thought_modes(tmp_path, params_file, monkeypatch) -> None:
 def test_killed_prepare_resumes_without_duplicates(tmp_path, params_file) -> None:
     params_path = tmp_path / "params.yaml"
     params_path.write_text(params_file.read_text())
-    args = [sys.executable, "-m", "stepflow.cli", "prepare", "-p", str(params_path)]
+    args = [sys.executable, "-m", "flows.cli", "prepare", "-p", str(params_path)]
     for override in _overrides(train=12):
         args += ["-S", override]
     params = load_params(params_path, _overrides(train=12))

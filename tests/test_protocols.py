@@ -14,28 +14,27 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import ConfigError, load_params
+from stepflow.data.splits import build_manifest
+from stepflow.data.trajectory import Trajectory
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.episode import RolloutSettings, run_episode
-from stepflow.llm.base import Completion
-from stepflow.metrics import agent_metrics
-from stepflow.protocols import (
+from stepflow.evaluate.metrics import agent_metrics
+from stepflow.evaluate.protocols import (
     eto_scienceworld,
     eto_step_cap,
     eto_variations,
     evaluation_step_limit,
     protocol_reward,
 )
-from stepflow.report import markdown_table
-from stepflow.rollout import episode_settings
-from stepflow.splits import build_manifest
-from stepflow.trajectory import Trajectory
+from stepflow.evaluate.report import markdown_table
+from stepflow.llm.base import Completion
+from stepflow.rollout.episode import EpisodeSettings, run_episode
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("STEPFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 ETO = SHARED / "eto" / "sciworld"
-PACKAGED = REPO / "stepflow" / "protocols" / "eto" / "sciworld"
+PACKAGED = REPO / "stepflow" / "evaluate" / "protocols" / "eto" / "sciworld"
 needs_shared = pytest.mark.skipif(
     not ETO.is_dir(), reason=f"ETO's published lists not found in {ETO} (STEPFLOW_SHARED_DATA)"
 )
@@ -88,11 +87,11 @@ def test_protocol_settings_are_validated(params_file) -> None:
     default = load_params(params_file, ["env.step_limit=3"])
     assert default.evaluation.protocol == "stepflow" and default.splits.instances == "official"
     assert evaluation_step_limit(default)("find-non-living-thing") == 3
-    # what run_rollout runs episodes under: ETO's caps for evaluation only
+    # what rollout jobs run episodes under: ETO's caps for evaluation only
     find = TaskInstance("scienceworld", "find-non-living-thing", 3, "test")
-    assert episode_settings(eto, source="evaluation").limit_for(find) == 15
-    assert episode_settings(eto, source="synthesis").limit_for(find) == 3
-    assert episode_settings(default, source="evaluation").limit_for(find) == 3
+    assert EpisodeSettings.from_params(eto, source="evaluation").limit_for(find) == 15
+    assert EpisodeSettings.from_params(eto, source="synthesis").limit_for(find) == 3
+    assert EpisodeSettings.from_params(default, source="evaluation").limit_for(find) == 3
     bad = [
         ("evaluation.protocol=eto", "env.task_types=[inclined-plane-determine-angle]"),
         ("evaluation.protocol=eto", "env.simplification=noElectricalAction"),
@@ -155,7 +154,7 @@ def test_eto_reward_is_the_highest_score_of_an_episode_whose_score_drops(params_
     # focusing on an axe (not alive) fails the task: score -100, the episode ends
     instance = TaskInstance("scienceworld", "find-living-thing", 0, "test")
     policy = Scripted(["teleport to outside", "focus on axe", "look around"])
-    settings = RolloutSettings(step_limit=15, source="evaluation", params_hash="h")
+    settings = EpisodeSettings(step_limit=15, source="evaluation", params_hash="h")
     with ScienceWorldEnv() as simulator:
         trajectory = asyncio.run(run_episode(AsyncEnv(simulator), instance, policy, settings))
     assert trajectory.num_steps == 2 and trajectory.done and not trajectory.success

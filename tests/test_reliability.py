@@ -21,16 +21,16 @@ import pytest
 import yaml
 
 from stepflow.config import PathsConfig, load_params, set_by_path
-from stepflow.evaluation import eval_paths, evaluate_agent
+from stepflow.data.trajectory import read_trajectories
+from stepflow.evaluate.evaluation import eval_paths, evaluate_agent
+from stepflow.evaluate.report import markdown_table
 from stepflow.locking import outputs_lock
-from stepflow.report import markdown_table
-from stepflow.rollout import EpisodeErrors
-from stepflow.synthesize import synthesize
-from stepflow.training import last_checkpoint
-from stepflow.trajectory import read_trajectories
+from stepflow.rollout.engine import EpisodeErrors
+from stepflow.teacher.synthesis import synthesize
+from stepflow.train.runs import last_checkpoint
 from tests.servers import KEY, KEY_ENV, clear_faults, free_port, inject, openai_server
 
-CLI = [sys.executable, "-m", "stepflow.cli"]
+CLI = [sys.executable, "-m", "flows.cli"]
 FLOWS = [sys.executable, "-m", "flows"]
 
 

@@ -17,13 +17,13 @@ import pytest
 from stepflow.agent.parser import parse_step
 from stepflow.agent.prompts import format_step
 from stepflow.config import GenerationConfig
+from stepflow.data.selection import OfficialSplitLabels, parse_variations, select_instances
+from stepflow.data.trajectory import Trajectory, read_trajectories
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.episode import RolloutSettings
 from stepflow.llm.local import LocalBackend
-from stepflow.rollout import rollout
-from stepflow.selection import OfficialSplitLabels, parse_variations, select_instances
-from stepflow.trajectory import Trajectory, read_trajectories
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import EpisodeSettings
 
 TASK = "find-non-living-thing"
 SHORT = [
@@ -69,7 +69,7 @@ def check_trajectory(trajectory: Trajectory, limit: int) -> None:
 def test_concurrent_episodes_of_the_embedded_model(tmp_path: Path, embedded_dir) -> None:
     instances = [TaskInstance("scienceworld", TASK, v, "train") for v in (1, 2)]
     backend = LocalBackend("embedded", generation=GenerationConfig(max_new_tokens=16))
-    settings = RolloutSettings(step_limit=3, max_observation_chars=400, params_hash="test")
+    settings = EpisodeSettings(step_limit=3, max_observation_chars=400, params_hash="test")
 
     async def main():
         try:
@@ -105,7 +105,7 @@ def test_concurrent_episodes_of_the_embedded_model(tmp_path: Path, embedded_dir)
 
 
 def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    command = [sys.executable, "-m", "stepflow.cli", "rollout", *args]
+    command = [sys.executable, "-m", "flows.cli", "rollout", *args]
     return subprocess.Popen(
         command,
         cwd=cwd,
@@ -194,24 +194,27 @@ def test_official_split_labels() -> None:
     assert [i.split for i in chosen] == ["train", "test"]
 
 
-def test_rollouts_run_torch_on_the_configured_threads(tmp_path) -> None:
+def test_rollouts_run_torch_on_the_configured_threads(tmp_path, monkeypatch) -> None:
     import torch
 
+    import stepflow.rollout.job as job_module
     from stepflow.config import load_params
-    from stepflow.rollout import run_rollout
+    from stepflow.rollout.job import RolloutJob
     from tests.conftest import REPO
 
     seen: list[int] = []
 
-    async def cleanup() -> None:  # awaited inside the rollout's event loop
+    async def spy(*args, **kwargs):  # the real engine, with torch's threads noted as it starts
         seen.append(torch.get_num_threads())
+        return await rollout(*args, **kwargs)
 
+    monkeypatch.setattr(job_module, "rollout", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for threads, expected in ((1, 1), (None, 2)):
             params = load_params(REPO / "params.yaml", {"rollout.threads": threads})
-            run_rollout(params, [], tmp_path / f"{threads}.jsonl", cleanup=cleanup, progress=False)
+            RolloutJob(params, (), tmp_path / f"{threads}.jsonl", progress=False).run()
             assert seen[-1] == expected
             assert torch.get_num_threads() == 2  # restored afterwards
     finally:

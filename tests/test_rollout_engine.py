@@ -15,14 +15,14 @@ import pytest
 
 from stepflow.agent.parser import parse_step
 from stepflow.agent.prompts import format_reflection, format_step
+from stepflow.data.trajectory import Trajectory, read_trajectories
 from stepflow.envs.aio import AsyncEnv
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.episode import RolloutSettings, run_episode
 from stepflow.llm.base import ChatBackend, Completion
-from stepflow.review import Reviewer, StepContext, StepReview
-from stepflow.rollout import rollout
-from stepflow.trajectory import Trajectory, read_trajectories
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import EpisodeSettings, run_episode
+from stepflow.rollout.review import Reviewer, StepContext, StepReview
 
 ENV = "scienceworld"
 FIND = TaskInstance(ENV, "find-non-living-thing", 1, "train")
@@ -117,7 +117,7 @@ def env():
 
 
 def episode(env, instance, policy, reviewer=None, *, limit=12, corrections=2) -> Trajectory:
-    settings = RolloutSettings(step_limit=limit, max_corrections=corrections, params_hash="h")
+    settings = EpisodeSettings(step_limit=limit, max_corrections=corrections, params_hash="h")
     trajectory = asyncio.run(run_episode(env, instance, policy, settings, reviewer=reviewer))
     assert Trajectory.model_validate_json(trajectory.model_dump_json()) == trajectory
     return trajectory
@@ -337,7 +337,7 @@ def test_a_turn_cut_at_the_generation_limit_is_never_executed(env, gold) -> None
 def test_stop_and_resume_gives_each_instance_once(tmp_path: Path, gold) -> None:
     instances = [TaskInstance(ENV, "find-non-living-thing", v, "train") for v in (1, 2, 3)]
     output = tmp_path / "rollout.jsonl"
-    settings = RolloutSettings(step_limit=3)
+    settings = EpisodeSettings(step_limit=3)
 
     def run(**kwargs):
         return asyncio.run(
@@ -383,7 +383,7 @@ class FailingReviewer:
 def test_failed_episode_is_reported_not_written(tmp_path: Path, gold) -> None:
     instances = [TaskInstance(ENV, "find-non-living-thing", v, "train") for v in (1, 2)]
     output = tmp_path / "rollout.jsonl"
-    settings = RolloutSettings(step_limit=2, max_corrections=1)
+    settings = EpisodeSettings(step_limit=2, max_corrections=1)
 
     def run(reviewer):
         return asyncio.run(
@@ -433,7 +433,7 @@ def test_jvm_killed_mid_episode_is_rerun(tmp_path: Path, gold, max_restarts: int
     none the worker starts the episode over on a fresh env. Either way every instance ends
     with the trajectory an undisturbed run gives."""
     instances = [TaskInstance(ENV, "find-non-living-thing", v, "train") for v in (1, 2, 3)]
-    settings = RolloutSettings(step_limit=4, max_corrections=1)
+    settings = EpisodeSettings(step_limit=4, max_corrections=1)
 
     def run(output: Path, reviewer):
         return asyncio.run(
@@ -494,7 +494,7 @@ def test_the_agent_is_prompted_with_exactly_what_training_feeds(env, gold, embed
     prompt token ids at inference equal the training row's ids up to that turn."""
     from stepflow.config import GenerationConfig
     from stepflow.llm.local import LocalBackend
-    from stepflow.masking import tokenize_trajectory
+    from stepflow.train.masking import tokenize_trajectory
 
     model = LocalBackend("embedded", generation=GenerationConfig(max_new_tokens=16))
     reflection = (

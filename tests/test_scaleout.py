@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import ConfigError, load_params
+from stepflow.data.trajectory import TrajectoryLog, read_trajectories, write_trajectories
 from stepflow.envs.base import TaskInstance
-from stepflow.rollout import RolloutSummary
-from stepflow.shards import ShardResult, merge_shards, merged_teacher_stats, split_shards
+from stepflow.rollout.engine import RolloutSummary
+from stepflow.rollout.shards import merge_shards, merged_teacher_stats, split_shards
 from stepflow.teacher import TeacherStats
-from stepflow.trajectory import TrajectoryLog, read_trajectories, write_trajectories
 from tests.test_trajectory_io import make_trajectory
 
 # greedy, one episode at a time per worker: batching pads prompts, which may change logits
@@ -59,14 +59,14 @@ def test_teacher_stats_add_up() -> None:
     b = TeacherStats(calls=3, prompt_tokens=7, reasons={"wrong": 2, "loop": 1})
     total = merged_teacher_stats(
         [
-            ShardResult(RolloutSummary(), "t", a),
-            ShardResult(RolloutSummary()),
-            ShardResult(RolloutSummary(), "t", b),
+            RolloutSummary(teacher="t", teacher_stats=a),
+            RolloutSummary(),
+            RolloutSummary(teacher="t", teacher_stats=b),
         ]
     )
     assert (total.calls, total.malformed, total.prompt_tokens) == (5, 1, 7)
     assert total.reasons == {"wrong": 3, "loop": 1}
-    assert merged_teacher_stats([ShardResult(RolloutSummary())]) is None
+    assert merged_teacher_stats([RolloutSummary()]) is None
 
 
 def test_scaleout_and_endpoint_settings(params_file: Path) -> None:
@@ -132,8 +132,8 @@ def test_dask_cluster_gives_the_default_runners_episodes(
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # as flows/ (read when Prefect is first imported): a busy machine outlasts the 20 s default
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from stepflow.evaluation import eval_paths, evaluate_agent
-    from stepflow.synthesize import synthesize
+    from stepflow.evaluate.evaluation import eval_paths, evaluate_agent
+    from stepflow.teacher.synthesis import synthesize
     from tasks.scaleout import shard_map
 
     results = {}
@@ -175,7 +175,7 @@ def test_dask_cluster_gives_the_default_runners_episodes(
 def test_episodes_are_spread_over_the_listed_servers_each_on_one(
     tmp_path: Path, embedded_dir: Path, monkeypatch
 ) -> None:
-    from stepflow.rollout import run_rollout
+    from stepflow.rollout.job import RolloutJob
     from tests.conftest import write_tiny_params
     from tests.servers import KEY, KEY_ENV, openai_servers, requests_seen
 
@@ -197,7 +197,7 @@ def test_episodes_are_spread_over_the_listed_servers_each_on_one(
         overrides = {"student": student, "env.step_limit": 2, "rollout.concurrency": 1}
         write_tiny_params(tmp_path, overrides)
         params = load_params(tmp_path / "params.yaml")
-        summary = run_rollout(params, instances, tmp_path / "episodes.jsonl", progress=False)
+        summary = RolloutJob(params, instances, tmp_path / "episodes.jsonl", progress=False).run()
         seen = {root: requests_seen(root) for root in roots}
 
     episodes = list(read_trajectories(tmp_path / "episodes.jsonl"))

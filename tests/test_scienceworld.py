@@ -6,9 +6,9 @@ import re
 
 import pytest
 
+from stepflow.data.golden import replay_gold
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.golden import replay_gold
 
 SHORT_TASKS = [
     "find-non-living-thing",

@@ -15,13 +15,13 @@ import httpx
 import pytest
 
 from stepflow.config import ConfigError, EndpointConfig, LLMConfig, ServingConfig, load_params
-from stepflow.evaluation import evaluate_agent
+from stepflow.data.splits import load_manifest
+from stepflow.data.trajectory import read_trajectories
+from stepflow.evaluate.evaluation import evaluate_agent
 from stepflow.llm.served_adapters import served_name, with_adapter
-from stepflow.rollout import run_rollout
-from stepflow.serving import engine_requirement, group_members, server_command, state_path
-from stepflow.splits import load_manifest
-from stepflow.synthesize import synthesize
-from stepflow.trajectory import read_trajectories
+from stepflow.llm.serving import engine_requirement, group_members, server_command, state_path
+from stepflow.rollout.job import RolloutJob
+from stepflow.teacher.synthesis import synthesize
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _port_open(port: int) -> bool:
 
 def _stepflow(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stepflow.cli", *args],
+        [sys.executable, "-m", "flows.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -168,9 +168,8 @@ def test_student_episodes_through_vllm(vllm, base_agent_workspace, tmp_path, mon
     params = load_params("params.yaml", _endpoint_overrides(vllm["base_url"]))
     instances = sorted(load_manifest(Path("data/manifest.json")).select("test"))
     before = _requests_served(vllm["base_url"])
-    summary = run_rollout(
-        params, instances, tmp_path / "episodes.jsonl", concurrency=2, progress=False
-    )
+    job = RolloutJob(params, instances, tmp_path / "episodes.jsonl", concurrency=2, progress=False)
+    summary = job.run()
     assert summary.errors == {} and summary.episodes == len(instances) == 2
     episodes = read_trajectories(tmp_path / "episodes.jsonl")
     assert {t.provenance.student_model for t in episodes} == {"student"}

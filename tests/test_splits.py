@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from stepflow.config import load_params
+from stepflow.data.splits import build_manifest, load_manifest, split_train, write_manifest
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.splits import build_manifest, load_manifest, split_train, write_manifest
 
 TASKS = ["find-non-living-thing", "lifespan-longest-lived", "find-plant"]
 
@@ -100,16 +100,16 @@ def test_manifest_round_trip(env, params_file, tmp_path) -> None:
 def test_another_engines_section_leaves_every_digest_alone(env, params_file) -> None:
     """Changing `env.alfworld` marks nothing stale in a ScienceWorld run (manifest, golden
     data, episodes, synthesis, evaluation), and every digest of an ALFWorld run changes."""
-    from stepflow.episode import RolloutSettings
-    from stepflow.evaluation import evaluation_digest
-    from stepflow.prepare import prepare_hash
-    from stepflow.synthesize import synthesis_digest
+    from stepflow.data.prepare import prepare_hash
+    from stepflow.evaluate.evaluation import evaluation_digest
+    from stepflow.rollout.episode import EpisodeSettings
+    from stepflow.teacher.synthesis import synthesis_digest
 
     def digests(overrides: list[str]) -> dict[str, str]:
         params = load_params(params_file, [f"env.task_types={TASKS}", *overrides])
         found = {
             "prepare": prepare_hash(params),
-            "episode": RolloutSettings.from_params(params).params_hash,
+            "episode": EpisodeSettings.from_params(params).params_hash,
             "synthesis": synthesis_digest(params, None),
             "evaluation": evaluation_digest(params, "base"),
         }

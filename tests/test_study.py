@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import load_params
-from stepflow.evaluation import eval_paths, evaluation_digest
-from stepflow.protocols import eto_variations
-from stepflow.study import paired_difference, seed_overrides, write_summary
-from stepflow.trajectory import Provenance, Trajectory, Turn, write_trajectories
+from stepflow.data.trajectory import Provenance, Trajectory, Turn, write_trajectories
+from stepflow.evaluate.evaluation import eval_paths, evaluation_digest
+from stepflow.evaluate.protocols import eto_variations
+from stepflow.study.seeds import seed_overrides
+from stepflow.study.summary import paired_difference, write_summary
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = "find-plant"

@@ -12,20 +12,20 @@ import pytest
 
 from stepflow.agent.prompts import format_step
 from stepflow.config import load_params
+from stepflow.data.prepare import example_for, load_examples, load_prepared
+from stepflow.data.trajectory import Trajectory, read_trajectories
 from stepflow.envs import make_env
 from stepflow.envs.base import TaskInstance
-from stepflow.episode import RolloutSettings
 from stepflow.llm import make_backend
 from stepflow.llm.base import Completion
-from stepflow.prepare import example_for, load_examples, load_prepared
-from stepflow.rollout import rollout
-from stepflow.synthesize import synthesize
+from stepflow.rollout.engine import rollout
+from stepflow.rollout.episode import EpisodeSettings
 from stepflow.teacher import templates
 from stepflow.teacher.base import StepFacts
 from stepflow.teacher.llm import LLMTeacher, MalformedAnswer, parse_answer
 from stepflow.teacher.reference import Alignment, ReferenceTeacher, gold_steps
 from stepflow.teacher.reviewer import TeacherReviewer, should_rewind
-from stepflow.trajectory import Trajectory, read_trajectories
+from stepflow.teacher.synthesis import synthesize
 from tests.test_trajectory_io import make_trajectory
 
 # -- strict parsing of the LLM teacher's answer -------------------------------------------
@@ -283,7 +283,7 @@ def _synthesis_rollout(params, instances, backend, teacher, output: Path):
             backend,
             output,
             env_factory=functools.partial(make_env, params.env),
-            settings=RolloutSettings.from_params(params, source="synthesis"),
+            settings=EpisodeSettings.from_params(params, source="synthesis"),
             concurrency=1,
             example_for=functools.partial(example_for, examples),
             reviewer=reviewer,
@@ -398,6 +398,13 @@ def test_synthesize_stage_writes_kept_trajectories(base_agent_workspace, monkeyp
     assert (stats["reflection_token_share"] > 0) is (stats["reflection_turns"] > 0)
     assert stats["own_fraction"]["min"] <= stats["own_fraction"]["median"]
     assert sum(stats["dropped_by"].values()) == stats["dropped"]
+    assert [t.key for t in kept] == sorted(t.key for t in kept)
+    # the episodes finishing in another order (concurrent episodes finish as they are timed)
+    # give the same file: the training variants read it in order
+    (work_log,) = Path(".stepflow/work").glob("synthesize-*/episodes.jsonl")
+    lines = work_log.read_text().splitlines(keepends=True)
+    assert len(lines) == stats["episodes"] >= 2
+    work_log.write_text("".join(reversed(lines)))
     again = synthesize(params, show_progress=False)  # a rerun resumes: nothing new to run
     assert again.resumed == stats["episodes"]
     assert Path("data/reflected.jsonl").read_text() == "".join(
@@ -412,7 +419,7 @@ def _synthesized(accepted: int, steps: int, **update) -> Trajectory:
 
 
 def test_keep_rule_counts_every_reason() -> None:
-    from stepflow.synthesize import drop_reason, kept, own_fraction_summary
+    from stepflow.teacher.synthesis import drop_reason, kept, own_fraction_summary
 
     good = _synthesized(3, 4)
     few = _synthesized(1, 4)

@@ -13,12 +13,12 @@ import asyncio
 import pytest
 
 from stepflow.agent.prompts import format_observation, format_step, opening_turns
+from stepflow.data.golden import render_golden, replay_gold, template_thought
+from stepflow.data.trajectory import Provenance, Turn
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.scienceworld import ScienceWorldEnv
-from stepflow.golden import render_golden, replay_gold, template_thought
 from stepflow.teacher.base import StepFacts
 from stepflow.teacher.reference import ReferenceTeacher
-from stepflow.trajectory import Provenance, Turn
 
 FIND = TaskInstance("scienceworld", "find-non-living-thing", 1, "u2")
 LIFESPAN = TaskInstance("scienceworld", "lifespan-longest-lived", 1, "u2")

@@ -11,25 +11,24 @@ import torch
 from transformers import TrainerCallback
 
 from stepflow.config import load_params
-from stepflow.masking import build_examples
+from stepflow.data.trajectory import write_trajectories
 from stepflow.method import VARIANTS
-from stepflow.modeling import (
+from stepflow.train.examples import build_examples
+from stepflow.train.metering import trained_logits_only
+from stepflow.train.modeling import (
     cpu_has_native_bf16,
     device,
     load_model,
     load_tokenizer,
     training_method,
 )
-from stepflow.training import (
+from stepflow.train.runs import last_checkpoint, variant_files
+from stepflow.train.sft import (
     _training_args,
     batch_collator,
-    last_checkpoint,
     train_variant,
-    trained_logits_only,
     training_prompt_budget,
-    variant_files,
 )
-from stepflow.trajectory import write_trajectories
 from tests.sample_trajectories import (
     golden_find_non_living,
     golden_lifespan,
@@ -348,7 +347,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(workspace: Path, params_fi
 def test_train_cli_reports_problems(params_file: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from stepflow.cli import app
+    from flows.cli import app
 
     runner = CliRunner()
     args = ["--params", str(params_file), "-S", f"paths.data={tmp_path / 'none'}"]
@@ -409,7 +408,7 @@ def test_lora_and_full_methods_train_and_save(
 def test_only_stale_runs_for_the_same_output_are_pruned(tmp_path: Path) -> None:
     """Another seed of a study trains the same variant for other outputs at the same time:
     its checkpoints are not an earlier run of this one."""
-    from stepflow.training import TARGET_FILE, _prune_stale_runs
+    from stepflow.train.runs import TARGET_FILE, prune_stale_runs
 
     def run(key: str, target: str | None) -> Path:
         path = tmp_path / f"train-golden-{key}"
@@ -424,7 +423,7 @@ def test_only_stale_runs_for_the_same_output_are_pruned(tmp_path: Path) -> None:
     unmarked = run("dddd", None)
     other_variant = tmp_path / "train-golden-step-eeee"  # not a run of `golden`
     other_variant.mkdir()
-    _prune_stale_runs(current)
+    prune_stale_runs(current)
     assert not earlier.exists()
     assert current.exists() and other_seed.exists() and unmarked.exists()
     assert other_variant.exists()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from stepflow.jsonl import DataError, JsonlAppender, atomic_write_text
-from stepflow.trajectory import (
+from stepflow.data.jsonl import DataError, JsonlAppender, atomic_write_text
+from stepflow.data.trajectory import (
     Provenance,
     Trajectory,
     TrajectoryLog,

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import LLMConfig, load_params
+from stepflow.data.trajectory import EpisodeStats
+from stepflow.evaluate.metrics import agent_metrics
+from stepflow.evaluate.report import markdown_table
 from stepflow.llm.served_adapters import warn_short_generation, with_adapter
-from stepflow.masking import build_examples
-from stepflow.metrics import agent_metrics
 from stepflow.provenance import GENERATION_MARGIN, generation_shortfall
-from stepflow.report import markdown_table
-from stepflow.trajectory import EpisodeStats
+from stepflow.train.examples import build_examples
 from tests.sample_trajectories import sample_set
 from tests.test_trajectory_io import make_trajectory
 
@@ -49,7 +49,7 @@ def test_truncated_turns_are_summed_per_agent_and_reported(params_file) -> None:
 
 
 def test_metrics_written_before_the_field_existed_still_load() -> None:
-    from stepflow.metrics import AgentMetrics
+    from stepflow.evaluate.metrics import AgentMetrics
 
     data = agent_metrics("base", "test", [_episode(0, 1)], samples=10).model_dump(mode="json")
     for group in (data["overall"], *data["per_task"].values()):

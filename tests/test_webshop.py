@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from stepflow.config import ConfigError, WebShopConfig, load_params
+from stepflow.data.trajectory import read_trajectories
 from stepflow.envs import make_env
 from stepflow.envs.base import TaskInstance
 from stepflow.envs.webshop import WebShopEnv, WebShopUnavailable
-from stepflow.trajectory import read_trajectories
 from tests.conftest import run_tiny_stages
 from tests.servers.webshop_standin import start_in_thread
 

@@ -29,7 +29,7 @@ Where it applies (and what it counts, so that nothing is cut silently):
 - the LLM teacher's judge prompt (`stepflow.teacher.llm`): the history and then the
   reference are fitted the same way to `teacher.max_context_tokens` (counted in
   `TeacherStats.fitted_prompts`);
-- training (`training.truncation: elide`, `stepflow.masking`): the prompt of a trajectory's
+- training (`training.truncation: elide`, `stepflow.train.examples`): the prompt of a trajectory's
   last trained turn is fitted by the same call with the same budget as the agent's prompt
   at that step (tighter only if the row would not fit `training.max_seq_len`); counted in
   `MaskStats.fitted`.
@@ -59,6 +59,9 @@ here (the same files the server serves); otherwise `CharEstimate`, a conservativ
 3 characters per token plus 8 tokens per message (English text takes ~4 characters per
 token with Llama-2's and Qwen's tokenizers), which overestimates and so errs towards
 fitting too early, never too late.
+
+Over 300 lines, one module: the rule, its budgets and its token counters are used together
+at inference, by the teacher and in training; the guarantee above holds for them as one.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from stepflow.agent.prompts import to_messages, without_example
+from stepflow.data.trajectory import EpisodeStats, Turn
 from stepflow.llm.base import BackendError, Message
-from stepflow.trajectory import EpisodeStats, Turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -292,7 +295,7 @@ def model_context_length(model: str) -> int | None:
     None when the config cannot be read here (a hub id with no hub access)."""
     from transformers import AutoConfig
 
-    from stepflow.embedded import resolve_model
+    from stepflow.llm.embedded import resolve_model
 
     try:
         config = AutoConfig.from_pretrained(resolve_model(model))
@@ -309,7 +312,7 @@ def model_context_length(model: str) -> int | None:
 def token_counter(model: str, tokenizer: PreTrainedTokenizerBase | None = None) -> TokenCounter:
     """The exact counter of `model` when its tokenizer loads here, else `CharEstimate`."""
     if tokenizer is None:
-        from stepflow.modeling import load_tokenizer
+        from stepflow.train.modeling import load_tokenizer
 
         try:
             tokenizer = load_tokenizer(model)

@@ -11,7 +11,7 @@ import functools
 from importlib import resources
 
 from stepflow.agent.parser import ParsedStep
-from stepflow.trajectory import Trajectory, Turn
+from stepflow.data.trajectory import Trajectory, Turn
 
 OBSERVATION_PREFIX = "Observation: "
 EXAMPLE_INTRO = "Here is an example of a solved task.\n"

@@ -18,6 +18,9 @@ and the other spellings agents write for the same command (`put X in Y`, `put X 
 `golden_max_steps` (else the planner's). The engine is deterministic, so restoring a state
 by reset + replay is exact. Its TextWorld/TatSu parsers are shared module state and not
 thread-safe, so calls into the engine from concurrent episodes take turns.
+
+Over 300 lines, one module: one environment's adapter (game discovery, command wording, the
+experts) behind the `TextEnv` interface, as each environment has.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Literal
 
 from stepflow.config import ALFWORLD_TASK_TYPES, AlfworldConfig
 from stepflow.envs.base import StepResult, TaskInstance, TextEnv
-from stepflow.protocols import eto_alfworld_games
+from stepflow.evaluate.protocols import eto_alfworld_games
 
 ENV_NAME = "alfworld"
 Folder = Literal["train", "valid_train", "valid_seen", "valid_unseen"]

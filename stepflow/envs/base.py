@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from stepflow.trajectory import Split, instance_key
+from stepflow.data.trajectory import Split, instance_key
 
 
 @dataclass(frozen=True, order=True)

@@ -8,6 +8,9 @@ whose page carries "Your score (min 0.0, max 1.0)" and the reward. Actions are
 `search[keywords]` and `click[button]`; the page's HTML is turned into text where every
 clickable is shown in brackets. Navigation state lives here, so reset + replay restores a
 state exactly. Golden trajectories come from human demonstrations in the conversation format.
+
+Over 300 lines, one module: one environment's adapter (pages to text, navigation,
+demonstrations) behind the `TextEnv` interface, as each environment has.
 """
 
 from __future__ import annotations
@@ -117,8 +120,8 @@ def load_demonstrations(path: Path) -> dict[int, tuple[str, ...]]:
     import json
 
     from stepflow.agent.parser import parse_step
-    from stepflow.convert import from_conversation
-    from stepflow.jsonl import DataError
+    from stepflow.data.convert import from_conversation
+    from stepflow.data.jsonl import DataError
 
     if not path.is_file():
         raise FileNotFoundError(f"env.webshop.demonstrations: {path} does not exist")

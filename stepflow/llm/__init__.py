@@ -1,5 +1,6 @@
 """LLM backends behind one interface: a local transformers model or an OpenAI-compatible
-endpoint (vLLM, a hosted model)."""
+endpoint (vLLM, a hosted model); also the vLLM server itself (`serving`) and the embedded
+default model (`embedded`)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ is busy are decoded together in one left-padded `generate` call (on a CPU, batch
 throughput comes from). Within a session (one episode) the KV cache of the conversation
 prefix is kept between turns, so a turn only encodes the tokens that are new; a new session
 starts from the longest prefix (e.g. the shared system prompt) another session has encoded.
+
+Over 300 lines, one module: the batching worker, its KV-cache sessions and generation share
+the one thread's state that owns the model.
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ class LocalBackend:
         lm: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        from stepflow.modeling import load_model, load_tokenizer
+        from stepflow.train.modeling import load_model, load_tokenizer
 
         self.name = model if adapter is None else f"{model}+{Path(adapter).name}"
         self.generation = generation or GenerationConfig()

@@ -1,4 +1,5 @@
-"""Teachers that judge student steps and write reflections + corrections."""
+"""Self-reflected trajectory synthesis: teachers that judge student steps and write
+reflections + corrections, and the `synthesize` stage that runs them on U2 (`synthesis`)."""
 
 from __future__ import annotations
 

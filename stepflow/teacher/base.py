@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from stepflow.agent.parser import strip_template_tokens
+from stepflow.data.trajectory import Trajectory, Turn
 from stepflow.envs.base import TaskInstance
-from stepflow.trajectory import Trajectory, Turn
 
 # A leading "Reflection:" label, tolerating markdown ("**Reflection:**", a "### Reflection"
 # heading line).

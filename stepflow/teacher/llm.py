@@ -13,6 +13,9 @@ elided oldest first, then its oldest steps are left out, then the reference's ob
 and then its steps, farthest from the student's current step first; the latest step, the
 last two history steps and the three reference steps nearest the student are always shown.
 Fitted prompts are counted in `TeacherStats.fitted_prompts`.
+
+Over 300 lines, one module: the judge's prompt, its fitting to the context and the parsing
+of its answer with retries and fallback are one protocol.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ from stepflow.agent.context import (
 )
 from stepflow.agent.parser import clean_action
 from stepflow.agent.prompts import OBSERVATION_PREFIX
+from stepflow.data.trajectory import Trajectory, Turn
 from stepflow.llm.base import ChatBackend, Message
 from stepflow.teacher import templates
 from stepflow.teacher.base import Judgment, StepFacts, TeacherStats, clean_reflection, strip_label
 from stepflow.teacher.reference import ReferenceTeacher
-from stepflow.trajectory import Trajectory, Turn
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 
 from stepflow.agent.parser import parse_step
 from stepflow.agent.prompts import OBSERVATION_PREFIX
+from stepflow.data.trajectory import Trajectory, Turn
 from stepflow.envs import canonical_wording, location, observation_only
 from stepflow.llm.base import ChatBackend
 from stepflow.teacher import templates
 from stepflow.teacher.base import Judgment, Reason, StepFacts, TeacherStats, clean_reflection
-from stepflow.trajectory import Trajectory, Turn
 
 LOOKAHEAD = 3
 _ARTICLES = re.compile(r"\b(?:the|a|an)\b")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from stepflow.review import StepContext, StepReview
-from stepflow.teacher.base import StepFacts, Teacher
-from stepflow.trajectory import Trajectory
+from stepflow.data.trajectory import Trajectory
+from stepflow.rollout.review import StepContext, StepReview
+from stepflow.teacher.base import StepFacts, Teacher, TeacherStats
 
 RewindPolicy = Literal["auto", "never"]
 
@@ -49,6 +49,15 @@ class TeacherReviewer:
         self.references = references
         self.rewind = rewind
         self.name = teacher.name
+
+    @property
+    def stats(self) -> TeacherStats:
+        """The teacher's counters."""
+        return self.teacher.stats
+
+    async def aclose(self) -> None:
+        """Close the teacher's backend."""
+        await self.teacher.aclose()
 
     async def review(self, ctx: StepContext) -> StepReview | None:
         """A correction when the teacher judges the step wrong."""

@@ -19,7 +19,7 @@ from stepflow.agent.context import (
     fewest,
 )
 from stepflow.agent.prompts import format_observation
-from stepflow.golden import GoldReplay, template_thought
+from stepflow.data.golden import GoldReplay, template_thought
 from stepflow.llm.base import ChatBackend, Message
 from stepflow.teacher import templates
 

@@ -3,10 +3,12 @@
 - `experiment`: the store and experiment runs go to, its tags and saved view, UI links;
 - `runs`: one parent run per pipeline run, one nested run per stage;
 - `records`: what a stage records on its run (metrics, datasets, artifacts, the results
-  table) and finding runs again.
+  table) and finding runs again;
+- `ui`: an MLflow UI server and its runs page rendered in headless Chromium (docs, tests).
 
-Three modules rather than one: together they are over 450 lines, and each concern is read
-and changed on its own. Callers use the names re-exported here (`tracking.stage_run`, ...).
+The first three rather than one module: together they are over 450 lines, and each concern
+is read and changed on its own. Callers use the names re-exported here (`tracking.stage_run`,
+...).
 """
 
 from stepflow.tracking.experiment import (

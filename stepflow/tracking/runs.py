@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stepflow.config import Params
-from stepflow.jsonl import atomic_write_json
+from stepflow.data.jsonl import atomic_write_json
 from stepflow.method import STATE_DIR
 from stepflow.provenance import code_version
 from stepflow.tracking.experiment import PIPELINE_RUN_NAME, configure
