@@ -180,6 +180,14 @@ def read_trajectories(path: str | Path) -> Iterator[Trajectory]:
     return read_records(path, Trajectory)
 
 
+def trajectories_of(path: str | Path, keys: Iterable[str]) -> list[Trajectory]:
+    """The trajectories of a work log that belong to these instance keys, in key order (not
+    the order concurrent episodes finished in, so that what is written from them is the
+    same however the episodes were timed)."""
+    wanted = set(keys)
+    return sorted((t for t in read_trajectories(path) if t.key in wanted), key=lambda t: t.key)
+
+
 def load_trajectories(*paths: str | Path) -> list[Trajectory]:
     """All trajectories of one or more files."""
     return [t for path in paths for t in read_trajectories(path)]

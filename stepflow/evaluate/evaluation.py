@@ -15,7 +15,7 @@ from stepflow import method
 from stepflow.config import LLMConfig, Params
 from stepflow.data.jsonl import atomic_write_json
 from stepflow.data.splits import load_manifest
-from stepflow.data.trajectory import read_trajectories, write_trajectories
+from stepflow.data.trajectory import read_trajectories, trajectories_of, write_trajectories
 from stepflow.evaluate.metrics import AgentMetrics, agent_metrics
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
@@ -125,10 +125,7 @@ def evaluate_agent(
     what = f"evaluation of {agent} on {split}"
     result.raise_for_errors(what)
     result.raise_for_failures(what, params.rollout.max_failed_fraction)
-    wanted = {i.key for i in instances}
-    trajectories = sorted(
-        (t for t in read_trajectories(work_log) if t.key in wanted), key=lambda t: t.key
-    )
+    trajectories = trajectories_of(work_log, (i.key for i in instances))
     metrics = agent_metrics(
         agent,
         split,

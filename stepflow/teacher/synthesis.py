@@ -23,7 +23,12 @@ from statistics import mean, quantiles
 from stepflow.config import Params, TeacherConfig
 from stepflow.data.jsonl import atomic_write_json
 from stepflow.data.prepare import load_prepared
-from stepflow.data.trajectory import Trajectory, read_trajectories, write_trajectories
+from stepflow.data.trajectory import (
+    Trajectory,
+    read_trajectories,
+    trajectories_of,
+    write_trajectories,
+)
 from stepflow.llm.served_adapters import adapters_preloaded, with_adapter
 from stepflow.locking import holds_outputs
 from stepflow.method import (
@@ -239,12 +244,9 @@ def synthesize(
     result = run_stage(job, shard_map=shard_map)
     result.raise_for_errors("synthesis")
     result.raise_for_failures("synthesis", params.rollout.max_failed_fraction)
-    wanted = {i.key for i in instances}
-    # in instance order, not the order episodes finished in: training reads the file in
-    # order, so the same seed trains the same adapters however the episodes were timed
-    episodes = sorted(
-        (t for t in read_trajectories(work_log) if t.key in wanted), key=lambda t: t.key
-    )
+    # in instance order: training reads the file in order, so the same seed trains the same
+    # adapters however the episodes were timed
+    episodes = trajectories_of(work_log, (i.key for i in instances))
     threshold, min_own = params.synthesis.keep_threshold, params.synthesis.min_own_steps
     keep = kept(episodes, threshold, min_own)
     write_trajectories(data_dir / REFLECTED, keep)
