@@ -224,3 +224,36 @@ def test_lora_adapter_is_applied(tmp_path, embedded_dir) -> None:
         assert second.text == plain_generate(adapted, follow, 8)
     finally:
         adapted.close()
+
+
+def test_threads_loading_the_agent_at_once_get_the_whole_model(tmp_path, embedded_dir) -> None:
+    """Shards on a thread runner load their agents in one process at the same time;
+    transformers' loading is not thread-safe ("Cannot copy out of meta tensor", weights
+    left uninitialised) unless loads are serialised."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from peft import LoraConfig, get_peft_model
+
+    from stepflow.train.modeling import load_model
+
+    lora = get_peft_model(
+        load_model("embedded"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    lora.save_pretrained(tmp_path / "adapter")
+    reference = load_model("embedded", adapter=tmp_path / "adapter").state_dict()
+    together = Barrier(2)
+
+    def load():
+        together.wait()
+        return load_model("embedded", adapter=tmp_path / "adapter")
+
+    for _ in range(2):
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(load) for _ in range(2)]
+            models = [f.result() for f in futures]
+        for model in models:
+            state = model.state_dict()
+            assert state.keys() == reference.keys()
+            assert all(torch.equal(state[k], reference[k]) for k in reference)

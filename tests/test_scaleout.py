@@ -1,6 +1,6 @@
 """Episodes in shards: the split, the merge, and synthesis/evaluation on a real Dask
-LocalCluster of 2 worker processes against the default in-process runner; episodes spread
-over two servers of one model listed in `base_url`."""
+LocalCluster of 2 worker processes and on 2 threads against the default in-process runner;
+episodes spread over two servers of one model listed in `base_url`."""
 
 from __future__ import annotations
 
@@ -169,6 +169,33 @@ def test_dask_cluster_gives_the_default_runners_episodes(
     # a rerun on the cluster resumes: everything is done, nothing is rerun
     again = synthesize(params, show_progress=False, shard_map=shard_map(params))
     assert again.resumed == again.episodes == default["summary"][0]
+
+
+@pytest.mark.slow
+def test_shards_on_threads_load_their_models_side_by_side(
+    base_agent_workspace: Path, tmp_path: Path, monkeypatch, one_torch_thread
+) -> None:
+    """Two shards on Prefect's thread runner, each with its own copy of the agent in this
+    process (loads are serialised: tests/test_llm_local.py): their episodes equal the
+    in-process run's."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from stepflow.evaluate.evaluation import eval_paths, evaluate_agent
+    from tasks.scaleout import shard_map
+
+    threads = ["scaleout.task_runner=thread", "scaleout.workers=2"]
+    episodes = {}
+    for name, overrides in (("default", SCALE), ("threads", [*SCALE, *threads])):
+        workspace = _copy_workspace(base_agent_workspace, tmp_path / name)
+        monkeypatch.chdir(workspace)
+        params = load_params("params.yaml", overrides)
+        shards = shard_map(params)
+        assert (shards is None) == (name == "default")
+        evaluate_agent(params, "init_sft", "test", show_progress=False, shard_map=shards)
+        episodes[name] = _episodes(eval_paths(params, "init_sft", "test")[0])
+    assert len(episodes["default"]) >= 2  # both shards had episodes
+    assert episodes["threads"] == episodes["default"]
 
 
 @pytest.mark.slow

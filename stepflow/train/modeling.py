@@ -4,6 +4,7 @@ the device, dtypes and torch threads they run with, and the student prepared for
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from stepflow.config import Params
 
 Method = Literal["qlora", "lora", "full"]
+_LOADING = threading.RLock()  # one load at a time in a process (see load_model)
 
 
 def device() -> str:
@@ -94,9 +96,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model; pad token set when the model has none."""
-    from transformers import AutoTokenizer
+    with _LOADING:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -123,18 +126,21 @@ def load_model(
     adapter: str | Path | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM; `method='qlora'` quantizes to 4-bit nf4. `adapter` attaches a LoRA."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model(model)
     kwargs: dict = {"dtype": torch_dtype(dtype)}
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(dtype)
         kwargs["device_map"] = {"": placement()}
-    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if method != "qlora":
-        lm.to(placement())
-    if adapter is not None:
-        lm = attach_adapter(lm, adapter, expected_base=model)
+    # transformers imports lazily and builds the model on the meta device with process-wide
+    # patches: two threads loading at once (shards on a thread runner) break each other
+    with _LOADING:
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if method != "qlora":
+            lm.to(placement())
+        if adapter is not None:
+            lm = attach_adapter(lm, adapter, expected_base=model)
     return lm
 
 
