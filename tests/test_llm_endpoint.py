@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from stepflow.llm.endpoint import (
     OpenAIBackend,
     api_key_from_env,
     backoff_delay,
+    retry_after_seconds,
 )
 from stepflow.llm.local import LocalBackend
 from tests.servers import (
@@ -124,6 +127,33 @@ def test_retry_after_is_honoured(server, key_env) -> None:
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
     assert waited >= 3.0
     assert (backend.stats.attempts, backend.stats.retries, backend.stats.failures) == (3, 2, 0)
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    now = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+    assert retry_after_seconds("7", now) == 7.0
+    assert retry_after_seconds(" 1.5 ", now) == 1.5
+    assert retry_after_seconds("Sun, 29 Nov 2026 12:00:42 GMT", now) == 42.0
+    assert retry_after_seconds("Sun, 29 Nov 2026 11:59:00 GMT", now) == 0.0  # already past
+    assert retry_after_seconds("-3", now) == 0.0
+    assert retry_after_seconds("soon", now) is None
+    assert retry_after_seconds(None, now) is None
+
+
+@pytest.mark.slow
+def test_retry_after_as_a_date_is_honoured_and_a_long_one_capped(server, key_env) -> None:
+    clear_faults(server)
+    forget_requests(server)
+    in_three_seconds = format_datetime(datetime.now(UTC) + timedelta(seconds=3), True)
+    inject(server, status=503, retry_after=in_three_seconds)
+    inject(server, status=429, retry_after=3600)  # an hour: capped at the backoff maximum
+    backend = OpenAIBackend(endpoint(server, max_retries=2), backoff_base_s=0.01, backoff_max_s=1.0)
+    (answer,) = run(backend, QUESTION)
+    assert "Paris" in answer.text
+    first, second, third = (r["at"] for r in requests_seen(server))
+    # the date asks for 2-3 s (whole seconds), capped at 1 s; the hour is capped at 1 s too
+    assert 0.9 <= second - first < 2.0, second - first
+    assert 0.9 <= third - second < 2.0, third - second
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ Requests run concurrently up to `endpoint.concurrency`. With several servers lis
 (`base_url: [...]`, replicas of the same model), episodes go to them in turn, each episode
 staying on one server. Timeouts, connection errors (including a connection closed
 mid-answer), 408, 409, 429 and 5xx answers, and answers that are not a chat completion (an
-HTML error page, JSON cut short) are retried with exponential backoff and jitter,
+HTML error page, JSON cut short) are retried with exponential backoff and jitter (a
+Retry-After header, seconds or a date, sets the wait instead; both capped at 30 s),
 `max_retries` times (the client's own retries are off so that every attempt is counted
 here); other errors, and the last failed attempt, raise `EndpointError`. The API key is read
 from the environment variable named by `endpoint.api_key_env` and is neither logged nor
@@ -20,6 +21,8 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from stepflow.config import EndpointConfig, GenerationConfig
@@ -85,16 +88,31 @@ def _is_retryable(exc: Exception) -> tuple[bool, int | None]:
     return False, None
 
 
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP-date (RFC 9110);
+    None when absent or unreadable, 0 for a date already past."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
 def _retry_after(exc: Exception) -> float | None:
-    """Seconds from a Retry-After header of a 429/503 answer, when it is a number."""
+    """The Retry-After delay of a 429/503 answer, if it has one."""
     response = getattr(exc, "response", None)
     if response is None:
         return None
-    value = response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    return retry_after_seconds(response.headers.get("retry-after"))
 
 
 class OpenAIBackend:
@@ -178,9 +196,11 @@ class OpenAIBackend:
                             attempts=attempt + 1,
                             status=status,
                         ) from exc
-                    delay = _retry_after(exc) or backoff_delay(
-                        attempt, self.backoff_base_s, self.backoff_max_s
-                    )
+                    asked = _retry_after(exc)
+                    if asked is None:
+                        delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s)
+                    else:  # the server's wait, capped like the backoff
+                        delay = min(asked, self.backoff_max_s)
                     self.stats.retries += 1
                     log.warning(
                         "endpoint %s: %s (attempt %d/%d); retrying in %.2fs",

@@ -6,7 +6,8 @@ tests: `POST /admin/faults {"count": 2, "status": 503}` makes the next two chat 
 fail with that status; `{"count": 1, "delay_s": 3}` delays the next one instead;
 `{"count": 1, "body": "non_json"}` answers 200 with an HTML page, `"truncated_json"` with a
 JSON document cut in half, `"cut"` closes the connection in the middle of the body;
-`"retry_after": 2` adds that header (seconds) to a fault's status answer.
+`"retry_after": 2` adds that header (seconds, or an HTTP-date string) to a fault's status
+answer.
 `GET /admin/requests` lists the chat requests received (arrival time on the monotonic
 clock, messages, the status answered), `DELETE /admin/requests` forgets them.
 
@@ -50,7 +51,7 @@ class Faults(BaseModel):
     status: int | None = None
     delay_s: float = 0.0
     body: Literal["non_json", "truncated_json", "cut"] | None = None
-    retry_after: int | None = None
+    retry_after: int | str | None = None  # seconds, or an HTTP-date
 
 
 def broken_answer(kind: str) -> Response:
