@@ -2,7 +2,9 @@
 
 1. One episode of `--steps` steps, with and without reusing the conversation's KV cache
    between turns (greedy: both runs generate the same text, so they do the same work
-   apart from re-encoding the history).
+   apart from re-encoding the history). Reuse saves encoding time only, so the run
+   without it also gives the ceiling: its wall time over its wall time less all its
+   prefill (the speedup if encoding cost nothing), with the decode cost per token.
 2. `--concurrency` episodes at once (e.g. 1 vs 4), each `--concurrent-steps` steps, the
    backend batching their requests into shared `generate` calls.
 
@@ -79,6 +81,8 @@ def run(
         "wall_s": round(wall, 2),
         "steps_per_s": round(summary.steps / wall, 4),
         "generate_s": round(stats["generate_s"], 2),
+        "prefill_s": round(stats["prefill_s"], 2),
+        "decode_s": round(stats["decode_s"], 2),
         "generate_calls": stats["batches"],
         "mean_batch_size": round(stats["requests"] / max(stats["batches"], 1), 2),
         "prompt_tokens": stats["prompt_tokens"],
@@ -137,14 +141,20 @@ def main() -> None:
         backend.close()
         print(name, {k: v for k, v in cache_runs[name].items() if k != "_texts"}, flush=True)
     same = cache_runs["kv_cache_reuse"].pop("_texts") == cache_runs["no_cache_reuse"].pop("_texts")
+    plain = cache_runs["no_cache_reuse"]
     results["single_episode"] = {
         **cache_runs,
         "same_outputs": same,
         "speedup": round(
-            cache_runs["kv_cache_reuse"]["steps_per_s"]
-            / cache_runs["no_cache_reuse"]["steps_per_s"],
+            cache_runs["kv_cache_reuse"]["steps_per_s"] / plain["steps_per_s"],
             2,
         ),
+        # what reuse could give at most: the episode without reuse, minus all its encoding
+        "ceiling_if_prefill_were_free": round(
+            plain["wall_s"] / (plain["wall_s"] - plain["prefill_s"]), 2
+        ),
+        "decode_s_per_token": round(plain["decode_s"] / plain["completion_tokens"], 4),
+        "prefill_s_per_step_without_reuse": round(plain["prefill_s"] / plain["steps"], 3),
     }
     concurrent = {}
     for count in [int(c) for c in args.concurrency.split(",")]:
