@@ -1,10 +1,13 @@
 """Run every benchmark and log its results to MLflow (experiment `stepflow-benchmarks`).
 
     python -m benchmarks.run_all [--only prepare,rollout,matmul,training,serving,scaleout]
+    python -m benchmarks.run_all --only profile,agent_backends --log-only
 
 Each benchmark runs in its own process and writes benchmarks/results/<name>.json; this
 script then records each file as an MLflow run: numeric figures as metrics, the file as an
-artifact.
+artifact. The benchmarks that need a trained study seed (`profile`, `agent_backends`) or
+ALFWorld's games (`alfworld`) are not in the default list: run them on their own (see each
+script's docstring), then log their results with `--log-only`.
 """
 
 from __future__ import annotations
@@ -42,9 +45,19 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(BENCHMARKS))
+    parser.add_argument(
+        "--log-only", action="store_true", help="log the existing results files, run nothing"
+    )
     args = parser.parse_args()
     chosen = [name for name in args.only.split(",") if name]
     for name in chosen:
+        script = ROOT / "benchmarks" / f"bench_{name}.py"
+        if not script.is_file():
+            sys.exit(f"--only {name}: no benchmark {script.relative_to(ROOT)}")
+        path = ROOT / "benchmarks" / "results" / f"{name}.json"
+        if args.log_only and not path.is_file():
+            sys.exit(f"--log-only: {path.relative_to(ROOT)} does not exist; run {script.name}")
+    for name in chosen if not args.log_only else []:
         script = ROOT / "benchmarks" / f"bench_{name}.py"
         subprocess.run([sys.executable, str(script)], cwd=ROOT, check=True)
     tracking = load_params(ROOT / "params.yaml").tracking
