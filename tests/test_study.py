@@ -98,7 +98,9 @@ def test_the_summary_reads_every_seed_and_pairs_the_compared_agents(tmp_path, mo
     stale = runs[1].paths.data / "eval" / "golden" / "test.jsonl"
     stale_copy = stale.read_text()
     write_trajectories(stale, [episode(v, True, "other") for v in variations])
-    assert write_summary(params, runs)["agents"]["golden"]["seeds"].keys() == {"0"}
+    partial = write_summary(params, runs)
+    assert partial["agents"]["golden"]["seeds"].keys() == {"0"}
+    assert partial["seeds_with_results"] == [0, 1]  # step has both
     stale.write_text(stale_copy)
     (tmp_path / "study" / "seed-1" / "timings.json").write_text(json.dumps({"prepare": 36.0}))
 
@@ -118,10 +120,12 @@ def test_the_summary_reads_every_seed_and_pairs_the_compared_agents(tmp_path, mo
     assert paired["per_seed"] == {"0": pytest.approx(0.25), "1": pytest.approx(0.5)}
     assert paired["difference"]["low"] < 0.375 < paired["difference"]["high"]
     assert summary["wall_seconds"]["total"] == 36.0
+    assert summary["seeds"] == summary["seeds_with_results"] == [0, 1]
     results = params.study.results
     assert json.loads(results.read_text()) == summary
     table = results.with_suffix(".md").read_text()
     assert "Protocol: **eto**" in table and "| step | 0.625" in table
+    assert "seeds with results: 0, 1 (of 0, 1)" in table
     assert "Paired difference step − golden" in table
     assert results.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 

@@ -166,6 +166,7 @@ def summarize(params: Params, seed_params: dict[int, Params]) -> dict[str, Any]:
         "protocol": params.evaluation.protocol,
         "task_types": list(params.env.task_types),
         "seeds": sorted(seed_params),
+        "seeds_with_results": sorted({int(s) for row in agents.values() for s in row["seeds"]}),
         "confidence": confidence,
         "agents": agents,
         "paired": paired,
@@ -181,7 +182,8 @@ def markdown(summary: dict[str, Any]) -> str:
     conf = round(summary["confidence"] * 100)
     lines = [
         f"Protocol: **{summary['protocol']}**; task types: {', '.join(summary['task_types'])}; "
-        f"seeds: {', '.join(map(str, summary['seeds']))}.",
+        f"seeds with results: {', '.join(map(str, summary['seeds_with_results'])) or 'none'} "
+        f"(of {', '.join(map(str, summary['seeds']))}).",
         "",
         f"| agent | success (mean, {conf}% CI over instances) | reward | seed std | "
         "episodes per seed | training trajectories | trained tokens | ETO-list subset |",
@@ -215,7 +217,11 @@ def markdown(summary: dict[str, Any]) -> str:
             + ".",
         ]
     total = summary["wall_seconds"]["total"]
-    lines += ["", f"Wall time of the stages, all seeds: {total / 3600:.2f} h."]
+    lines += [
+        "",
+        f"Stage time summed over the seeds: {total / 3600:.2f} h (seeds run side by side, so "
+        "the study's wall time is less; a chunk cut off and resumed counts in full).",
+    ]
     return "\n".join(lines) + "\n"
 
 
