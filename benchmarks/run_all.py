@@ -50,20 +50,22 @@ def main() -> None:
     )
     args = parser.parse_args()
     chosen = [name for name in args.only.split(",") if name]
+    scripts = {name: ROOT / "benchmarks" / f"bench_{name}.py" for name in chosen}
+    results = {name: ROOT / "benchmarks" / "results" / f"{name}.json" for name in chosen}
     for name in chosen:
-        script = ROOT / "benchmarks" / f"bench_{name}.py"
-        if not script.is_file():
-            sys.exit(f"--only {name}: no benchmark {script.relative_to(ROOT)}")
-        path = ROOT / "benchmarks" / "results" / f"{name}.json"
-        if args.log_only and not path.is_file():
-            sys.exit(f"--log-only: {path.relative_to(ROOT)} does not exist; run {script.name}")
+        if not scripts[name].is_file():
+            sys.exit(f"--only {name}: no benchmark {scripts[name].relative_to(ROOT)}")
+        if args.log_only and not results[name].is_file():
+            sys.exit(
+                f"--log-only: {results[name].relative_to(ROOT)} does not exist; "
+                f"run {scripts[name].name}"
+            )
     for name in chosen if not args.log_only else []:
-        script = ROOT / "benchmarks" / f"bench_{name}.py"
-        subprocess.run([sys.executable, str(script)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, str(scripts[name])], cwd=ROOT, check=True)
     tracking = load_params(ROOT / "params.yaml").tracking
     configure(tracking.model_copy(update={"experiment": "stepflow-benchmarks"}))
     for name in chosen:
-        path = ROOT / "benchmarks" / "results" / f"{name}.json"
+        path = results[name]
         result = json.loads(path.read_text())
         with mlflow.start_run(run_name=f"bench_{name}"):
             mlflow.set_tag("stepflow.kind", "benchmark")
