@@ -8,7 +8,6 @@ Prefect flow-run id and leaves a link to it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -206,9 +205,8 @@ def study_flow(
                 if deadline.passed:
                     break
                 print(f"seed {seed}: {name}")
-                began = time.perf_counter()
-                do()
-                timings.add(name, time.perf_counter() - began)
+                with timings.running(name):
+                    do()
         if deadline.passed:
             print(f"stopped after {hours} h; run the same command again to go on")
             break

@@ -149,3 +149,47 @@ def test_no_pair_is_reported_when_an_agent_has_no_results(tmp_path, monkeypatch)
     runs = {0: load_params(REPO / "params.yaml", seed_overrides(params, 0))}
     summary = write_summary(params, runs)
     assert summary["agents"] == {} and summary["paired"] is None
+
+
+def test_stage_time_survives_a_chunk_killed_in_the_stage(tmp_path: Path) -> None:
+    """A chunk killed with SIGKILL in the middle of a stage keeps the time it ran (to within a
+    heartbeat); the next chunk adds its own time to it; a stage that raises counts too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stepflow.study.seeds import Timings
+
+    path = tmp_path / "timings.json"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from stepflow.study.seeds import Timings\n"
+            "with Timings(Path(sys.argv[1]), heartbeat_s=0.1).running('train_step'):\n"
+            "    print('running', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline() == "running\n"
+    time.sleep(1.5)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    killed = Timings(path).seconds["train_step"]
+    assert 1.0 <= killed <= 3.0
+
+    timings = Timings(path, heartbeat_s=0.1)
+    with timings.running("train_step"):
+        time.sleep(0.3)
+    with pytest.raises(RuntimeError), timings.running("evaluate_step"):
+        time.sleep(0.2)
+        raise RuntimeError("the stage failed")
+    seconds = json.loads(path.read_text())
+    assert killed + 0.3 <= seconds["train_step"] <= killed + 1.0
+    assert 0.2 <= seconds["evaluate_step"] <= 1.0

@@ -4,7 +4,10 @@ outputs match their inputs), the time its stages took, and the deadline of a chu
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,15 +73,44 @@ def reported(params: Params) -> bool:
 
 
 class Timings:
-    """Wall seconds per stage of one seed, added up over the chunks that ran it."""
+    """Wall seconds per stage of one seed, added up over the chunks that ran it.
 
-    def __init__(self, path: Path) -> None:
+    `running(stage)` saves the stage's time every `heartbeat_s` while it runs, so a chunk
+    killed in the middle of a stage (a session's end, SIGKILL) keeps what it ran, to within
+    one heartbeat; a stage that raises counts too.
+    """
+
+    def __init__(self, path: Path, heartbeat_s: float = 30.0) -> None:
         self.path = path
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self.heartbeat_s = heartbeat_s
 
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
-        atomic_write_json(self.path, self.seconds)
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage, as saved."""
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def _save(self, stage: str, seconds: float) -> None:
+        atomic_write_json(self.path, {**self.seconds, stage: round(seconds, 1)})
+
+    @contextmanager
+    def running(self, stage: str) -> Iterator[None]:
+        """Count the wall time of the block as `stage`'s, saved as it goes."""
+        before = self.seconds.get(stage, 0.0)
+        began = time.perf_counter()
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                self._save(stage, before + time.perf_counter() - began)
+
+        beater = threading.Thread(target=beat, name=f"timings-{stage}", daemon=True)
+        beater.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beater.join()
+            self._save(stage, before + time.perf_counter() - began)
 
 
 @dataclass

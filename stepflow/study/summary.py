@@ -220,7 +220,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"Stage time summed over the seeds: {total / 3600:.2f} h (seeds run side by side, so "
-        "the study's wall time is less; a chunk cut off and resumed counts in full).",
+        "the study's wall time is less; the time of a chunk cut off in a stage counts too).",
     ]
     return "\n".join(lines) + "\n"
 
