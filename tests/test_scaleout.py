@@ -113,6 +113,25 @@ def _processes(paths: list[Path]) -> set[tuple[str, str]]:
 
 
 @pytest.fixture
+def prefect_home(tmp_path: Path, monkeypatch) -> None:
+    """A Prefect home of the test's own, as flows/ sets it (read when Prefect is first
+    imported): a busy machine outlasts the ephemeral server's 20 s startup default."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def _sharded_run(source: Path, workspace: Path, overrides: list[str], monkeypatch):
+    """Enter a copy of `source` at `workspace`; its params with `overrides`, and their shard
+    map (None: in this process)."""
+    from tasks.scaleout import shard_map
+
+    monkeypatch.chdir(_copy_workspace(source, workspace))
+    params = load_params("params.yaml", overrides)
+    return params, shard_map(params)
+
+
+@pytest.fixture
 def one_torch_thread():
     """Decode on one thread in this process too, as every Dask worker does
     (OMP_NUM_THREADS=1): float sums in another order can flip a greedy token."""
@@ -126,22 +145,16 @@ def one_torch_thread():
 
 @pytest.mark.slow
 def test_dask_cluster_gives_the_default_runners_episodes(
-    base_agent_workspace: Path, tmp_path: Path, monkeypatch, one_torch_thread
+    base_agent_workspace: Path, tmp_path: Path, monkeypatch, prefect_home, one_torch_thread
 ) -> None:
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # as flows/ (read when Prefect is first imported): a busy machine outlasts the 20 s default
-    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from stepflow.evaluate.evaluation import eval_paths, evaluate_agent
     from stepflow.teacher.synthesis import synthesize
     from tasks.scaleout import shard_map
 
     results = {}
     for name, overrides in (("default", SCALE), ("dask", [*SCALE, *DASK])):
-        workspace = _copy_workspace(base_agent_workspace, tmp_path / name)
-        monkeypatch.chdir(workspace)
-        params = load_params("params.yaml", overrides)
-        shards = shard_map(params)
+        workspace = tmp_path / name
+        params, shards = _sharded_run(base_agent_workspace, workspace, overrides, monkeypatch)
         assert (shards is None) == (name == "default")
         summary = synthesize(params, show_progress=False, shard_map=shards)
         metrics = evaluate_agent(params, "init_sft", "test", show_progress=False, shard_map=shards)
@@ -173,24 +186,18 @@ def test_dask_cluster_gives_the_default_runners_episodes(
 
 @pytest.mark.slow
 def test_shards_on_threads_load_their_models_side_by_side(
-    base_agent_workspace: Path, tmp_path: Path, monkeypatch, one_torch_thread
+    base_agent_workspace: Path, tmp_path: Path, monkeypatch, prefect_home, one_torch_thread
 ) -> None:
     """Two shards on Prefect's thread runner, each with its own copy of the agent in this
     process (loads are serialised: tests/test_llm_local.py): their episodes equal the
     in-process run's."""
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from stepflow.evaluate.evaluation import eval_paths, evaluate_agent
-    from tasks.scaleout import shard_map
 
     threads = ["scaleout.task_runner=thread", "scaleout.workers=2"]
     episodes = {}
     for name, overrides in (("default", SCALE), ("threads", [*SCALE, *threads])):
-        workspace = _copy_workspace(base_agent_workspace, tmp_path / name)
-        monkeypatch.chdir(workspace)
-        params = load_params("params.yaml", overrides)
-        shards = shard_map(params)
+        workspace = tmp_path / name
+        params, shards = _sharded_run(base_agent_workspace, workspace, overrides, monkeypatch)
         assert (shards is None) == (name == "default")
         evaluate_agent(params, "init_sft", "test", show_progress=False, shard_map=shards)
         episodes[name] = _episodes(eval_paths(params, "init_sft", "test")[0])
