@@ -125,6 +125,7 @@ def test_the_summary_reads_every_seed_and_pairs_the_compared_agents(tmp_path, mo
     assert json.loads(results.read_text()) == summary
     table = results.with_suffix(".md").read_text()
     assert "Protocol: **eto**" in table and "| step | 0.625" in table
+    assert "| 10–11 |" in table  # trajectories per seed: their range
     assert "seeds with results: 0, 1 (of 0, 1)" in table
     assert "Paired difference step − golden" in table
     assert results.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

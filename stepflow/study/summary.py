@@ -185,14 +185,16 @@ def markdown(summary: dict[str, Any]) -> str:
         f"seeds with results: {', '.join(map(str, summary['seeds_with_results'])) or 'none'} "
         f"(of {', '.join(map(str, summary['seeds']))}).",
         "",
-        f"| agent | success (mean, {conf}% CI over instances) | reward | seed std | "
-        "episodes per seed | training trajectories | trained tokens | ETO-list subset |",
+        f"| agent | success (mean, {conf}% CI: seeds, then instances resampled) | reward "
+        "| seed std | episodes per seed | training trajectories | trained tokens "
+        "| ETO-list subset |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for agent, row in summary["agents"].items():
         seeds = row["seeds"].values()
         s, r = row["success"], row["reward"]
-        trajectories = sorted({x["trajectories"] for x in seeds if x["trajectories"]})
+        counts = [x["trajectories"] for x in seeds if x["trajectories"]]
+        trajectories = sorted({min(counts), max(counts)}) if counts else []  # a range
         tokens = [x["trained_tokens"] for x in seeds if x["trained_tokens"]]
         eto = [x["eto_subset"] for x in seeds if x["eto_subset"]["episodes"]]
         eto_text = (
